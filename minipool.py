@@ -1,0 +1,943 @@
+"""A concurrent.futures executor whose workers live in long-running Docker containers.
+
+    with ContainerPoolExecutor("app1_v0.1", blocks=2) as ex:
+        print(ex.submit(predict, [1, 2, 3]).result())
+
+Each block is one container of the executor's image, started once and reused for
+every task. `worker_stub.py` is copied into it and speaks a small protocol over the
+container's attached stdin/stdout:
+
+    caller ── submit(fn, *args) ──► pending queue ──► block thread i ── CALL frame ──► stdin ─┐
+                                                                                          worker_stub
+    future.set_result ◄── reader thread i ◄── Docker stream frames (1 = stdout: protocol,   runs fn
+                                              2 = stderr: logged) ◄── RESULT frame ◄─ stdout ─┘
+
+A block thread starts its container (create, attach, copy the stub in, start,
+handshake), feeds it tasks from the shared queue and replaces it when it dies.
+Its reader thread settles futures by task id, sends stderr to the
+"minipool.worker" logger and, when the stream ends, fails what was in flight
+with WorkerLost. The engine's event stream tells each dead container's exit code
+and whether the kernel killed it for memory: with auto_remove it is gone before
+it could be inspected.
+
+Containers are created with stdin open and StdinOnce, log driver none, network
+none and auto_remove: when the host process dies the engine closes the stub's
+stdin, the stub exits and the engine removes the container.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+import io
+import itertools
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import ssl
+import struct
+import sys
+import tarfile
+import threading
+import time
+import types
+import uuid
+import weakref
+from concurrent.futures import BrokenExecutor
+from concurrent.futures import Executor
+from concurrent.futures import Future
+from typing import Any
+from typing import Callable
+from typing import Iterable
+from typing import Iterator
+from typing import Mapping
+from typing import Sequence
+
+import docker
+import docker.errors
+from docker.types import LogConfig
+
+try:
+    import cloudpickle
+except ImportError:  # a vendored copy without it: everything importable still works
+    cloudpickle = None
+
+# The stub beside this file also defines the wire protocol for both sides: it is
+# `worker_stub` when installed or vendored onto sys.path, `pkg.worker_stub` when
+# vendored inside a package.
+_stub: Any = importlib.import_module(f"{__package__}.worker_stub" if __package__ else "worker_stub")
+
+__all__ = [
+    "BrokenContainerPool",
+    "ContainerPoolExecutor",
+    "MiniPoolError",
+    "ProtocolError",
+    "RemoteError",
+    "StartupError",
+    "WorkerLost",
+]
+__version__ = "0.1.0"
+
+_logger = logging.getLogger(__name__)
+_worker_logger = logging.getLogger(__name__ + ".worker")
+
+# Where the stub and what it needs live inside each container. The root always
+# exists and takes put_archive; parents of the archive's files are created.
+_STUB_HOME = "minipool"
+_STUB_PATH = "/minipool/worker_stub.py"
+_SHIP_DIR = "/minipool/ship"  # the user's `ship=` modules
+_LIB_DIR = "/minipool/lib"  # cloudpickle, copied from the host
+# One task in flight per block: a free block takes the next task, so long tasks
+# spread evenly. (Pipelining several is the performance issue's work.)
+_TASKS_IN_FLIGHT = 1
+# The host never allocates more for one message than this, whatever a header claims.
+_MAX_MESSAGE = 1 << 34
+# Lines of a container's stderr kept to explain its death.
+_STDERR_TAIL = 20
+# A stderr line longer than this is logged in pieces instead of buffered whole.
+_MAX_LOG_LINE = 1 << 16
+# How long a lost container's exit code may take to arrive on the event stream.
+_EXIT_EVENT_WAIT = 5.0
+# How long a stub may take to exit after its stdin closed before it is killed.
+_EXIT_GRACE = 10.0
+# Docker's attach stream: each frame is stream type (1 stdout, 2 stderr) and length.
+_FRAME_HEADER = struct.Struct(">BxxxL")
+_STDOUT = 1
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class MiniPoolError(Exception):
+    """Root of minipool's own errors."""
+
+
+class BrokenContainerPool(MiniPoolError, BrokenExecutor):
+    """The pool cannot go on: its pending and future work fails with this."""
+
+
+class StartupError(BrokenContainerPool):
+    """A container could not be started: engine unreachable, image missing, no Python
+    in the image, or the stub failed before its handshake."""
+
+
+class WorkerLost(MiniPoolError):
+    """The container running the task died. The pool replaces it and goes on."""
+
+    def __init__(
+        self, message: str, container_id: str, exit_code: int | None, oom_killed: bool, stderr_tail: Sequence[str]
+    ) -> None:
+        super().__init__(message)
+        self.container_id = container_id
+        self.exit_code = exit_code
+        self.oom_killed = oom_killed
+        self.stderr_tail = list(stderr_tail)
+
+
+class RemoteError(MiniPoolError):
+    """A task raised an exception that could not be rebuilt on the host."""
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+
+class ProtocolError(MiniPoolError):
+    """The channel to a container carried something that is not minipool's protocol."""
+
+
+class _RemoteTraceback(Exception):
+    """The __cause__ of a task's exception: the traceback as the container printed it."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+# --------------------------------------------------------------------------- wire protocol
+
+
+class _WorkItem:
+    __slots__ = ("future", "kind", "payload")
+
+    def __init__(self, future: Future, kind: int, payload: bytes) -> None:
+        self.future = future
+        self.kind = kind
+        self.payload = payload
+
+
+class _ImportablePickler(pickle.Pickler):
+    """Without cloudpickle, refuses what only it could send: code from the caller's __main__."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
+            raise pickle.PicklingError(
+                f"{obj.__qualname__} is defined in __main__ and must travel by value: "
+                "pip install cloudpickle, or move it to a module the image can import"
+            )
+        return NotImplemented
+
+
+def _dumps_importable(obj: Any, protocol: int) -> bytes:
+    buffer = io.BytesIO()
+    _ImportablePickler(buffer, protocol).dump(obj)
+    return buffer.getvalue()
+
+
+_dumps: Callable[..., bytes] = cloudpickle.dumps if cloudpickle is not None else _dumps_importable
+
+
+def _pickle_call(call: tuple) -> bytes:
+    fn = call[0]
+    try:
+        return _dumps(call, protocol=_stub.PICKLE_PROTOCOL)
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
+        raise TypeError(f"cannot send the call to {name} to a container: {exc}") from exc
+
+
+def _remote_exception(payload: bytes | bytearray) -> BaseException:
+    """Rebuild a task's exception, with the container's traceback as its cause."""
+    type_name, message, text, pickled = pickle.loads(payload)
+    error: BaseException | None = None
+    if pickled is not None:
+        with contextlib.suppress(Exception):
+            error = pickle.loads(pickled)
+    if not isinstance(error, BaseException):
+        error = RemoteError(type_name, message, text)
+    error.__cause__ = _RemoteTraceback(text)
+    return error
+
+
+def _settle(future: Future, kind: int, payload: bytearray) -> None:
+    if kind == _stub.RAISED:
+        future.set_exception(_remote_exception(payload))
+        return
+    try:
+        result = pickle.loads(payload)
+    except Exception as exc:
+        error = MiniPoolError(f"the task's result cannot be unpickled on the host: {exc}")
+        error.__cause__ = exc
+        future.set_exception(error)
+        return
+    future.set_result(result)
+
+
+def _chunks(iterables: Sequence[Iterable], size: int) -> Iterator[list]:
+    arguments = zip(*iterables)
+    while chunk := list(itertools.islice(arguments, size)):
+        yield chunk
+
+
+class _ChunkSubmitter:
+    """Lets Executor.map's own logic (timeouts, cancel on close) drive chunk messages."""
+
+    def __init__(self, submit_chunk: Callable[..., Future]) -> None:
+        self.submit = submit_chunk
+
+
+# --------------------------------------------------------------------------- engine and containers
+
+
+def _connect(engine: Any, pool_size: int) -> tuple[docker.DockerClient, bool]:
+    """The engine's client, and whether we made it (and so must close it)."""
+    try:
+        if engine is None:
+            return docker.from_env(max_pool_size=pool_size), True
+        if isinstance(engine, str):
+            return docker.DockerClient(base_url=engine, max_pool_size=pool_size), True
+    except (docker.errors.DockerException, OSError) as exc:
+        where = engine or os.environ.get("DOCKER_HOST", "the default socket")
+        raise StartupError(
+            f"cannot reach a Docker engine at {where}: {exc}. Is dockerd running, and may this user use it?"
+        ) from exc
+    return engine, False
+
+
+def _check_image(client: docker.DockerClient, image: str) -> None:
+    try:
+        client.api.inspect_image(image)
+    except docker.errors.ImageNotFound as exc:
+        raise StartupError(
+            f"image {image!r} is not on the engine at {client.api.base_url}: build or pull it first"
+        ) from exc
+    except (docker.errors.DockerException, OSError) as exc:
+        raise StartupError(f"cannot reach the Docker engine at {client.api.base_url}: {exc}") from exc
+
+
+def _tar_entry(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """Readable by any user the container runs as; no bytecode caches."""
+    if "__pycache__" in info.name or info.name.endswith(".pyc"):
+        return None
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode |= 0o555 if info.isdir() else 0o444
+    return info
+
+
+def _stub_archive(ship: Sequence[str]) -> bytes:
+    """The tar put into every container: the stub, cloudpickle, the shipped code."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(_stub.__file__, arcname=_STUB_PATH.lstrip("/"), filter=_tar_entry)
+        if cloudpickle is not None:
+            package = os.path.dirname(cloudpickle.__file__)
+            tar.add(package, arcname=_LIB_DIR.lstrip("/") + "/cloudpickle", filter=_tar_entry)
+        for path in ship:
+            name = os.path.basename(os.path.normpath(path))
+            tar.add(path, arcname=f"{_SHIP_DIR.lstrip('/')}/{name}", filter=_tar_entry)
+    return buffer.getvalue()
+
+
+def _raw_socket(attached: Any) -> socket.socket:
+    """The socket under docker-py's attach result. For a unix or plain tcp engine that
+    is a SocketIO wrapping it; it keeps the client's 60 s timeout, which would break a
+    quiet 60 s task, so it is cleared."""
+    sock = getattr(attached, "_sock", attached)
+    sock.settimeout(None)
+    return sock
+
+
+def _writev(sock: socket.socket) -> Callable[[list], int]:
+    """A vectored write for the socket: sendmsg, except on TLS, which has none."""
+    if isinstance(sock, ssl.SSLSocket):
+        return lambda views: sock.send(views[0])
+    return sock.sendmsg
+
+
+def _remove_container(api: Any, container_id: str) -> None:
+    """Remove a container, whatever its state; quietly if it is already gone."""
+    try:
+        api.remove_container(container_id, force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:
+            raise
+        # 409: auto_remove is removing it already; return once it is gone.
+        with contextlib.suppress(docker.errors.NotFound):
+            api.wait(container_id, timeout=_EXIT_GRACE, condition="removed")
+
+
+def _describe_exit(exit_code: int | None, oom_killed: bool) -> str:
+    if oom_killed:
+        return f"exit code {exit_code}: killed for using more memory than its limit (mem_limit); raise the limit"
+    if exit_code is None:
+        return "exit code unknown: the engine did not report it"
+    if exit_code > 128:
+        with contextlib.suppress(ValueError):
+            return f"exit code {exit_code}: killed by {signal.Signals(exit_code - 128).name}"
+    return f"exit code {exit_code}"
+
+
+class _ExitWatch:
+    """The engine's die and oom events for one pool's containers.
+
+    With auto_remove a dead container is removed before anyone could inspect it, so
+    its exit code and the kernel's OOM verdict are read off the event stream, which
+    is subscribed before the first container is created.
+    """
+
+    def __init__(self, api: Any, pool_id: str, label: str) -> None:
+        self._events = api.events(
+            decode=True,
+            filters={"type": "container", "event": ["die", "oom"], "label": f"minipool.executor={pool_id}"},
+        )
+        self._exits: dict[str, tuple[int | None, bool]] = {}
+        self._changed = threading.Condition()
+        threading.Thread(target=self._follow, name=f"minipool-{label}-events", daemon=True).start()
+
+    def _follow(self) -> None:
+        with contextlib.suppress(Exception):  # the stream ends with an error when closed
+            for event in self._events:
+                container_id = event["Actor"]["ID"]
+                with self._changed:
+                    exit_code, oom_killed = self._exits.get(container_id, (None, False))
+                    if event["Action"] == "oom":
+                        oom_killed = True
+                    else:
+                        exit_code = int(event["Actor"]["Attributes"].get("exitCode", -1))
+                    self._exits[container_id] = (exit_code, oom_killed)
+                    self._changed.notify_all()
+
+    def exit_of(self, container_id: str) -> tuple[int | None, bool]:
+        """(exit code, OOM-killed) of a dead container; exit code None if not told in time."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._exits.get(container_id, (None,))[0] is not None, _EXIT_EVENT_WAIT)
+            return self._exits.get(container_id, (None, False))
+
+    def forget(self, container_id: str) -> None:
+        with self._changed:
+            self._exits.pop(container_id, None)
+
+    def close(self) -> None:
+        self._events.close()
+
+
+class _AttachStream:
+    """Docker's multiplexed attach stream read as the stub's stdout alone.
+
+    Frames of stderr found on the way go to `on_stderr`.
+    """
+
+    def __init__(self, sock: socket.socket, on_stderr: Callable[[bytes], None]) -> None:
+        self._recv_into = sock.recv_into
+        self._on_stderr = on_stderr
+        self._header = bytearray(_FRAME_HEADER.size)
+        self._scratch = bytearray(1 << 16)
+        self._stdout_left = 0
+
+    def readinto(self, view: memoryview) -> int:
+        while not self._stdout_left:
+            self._next_frame()
+        count = self._recv_into(view, min(len(view), self._stdout_left))
+        self._stdout_left -= count
+        return count
+
+    def _next_frame(self) -> None:
+        _stub.fill(self._recv_into, self._header)
+        stream, length = _FRAME_HEADER.unpack(self._header)
+        if stream == _STDOUT:
+            self._stdout_left = length
+            return
+        while length:
+            piece = memoryview(self._scratch)[: min(length, len(self._scratch))]
+            _stub.fill(self._recv_into, piece)
+            self._on_stderr(bytes(piece))
+            length -= len(piece)
+
+
+class _Container:
+    """One running container with the stub in it, attached over one socket."""
+
+    def __init__(self, container_id: str, sock: socket.socket) -> None:
+        self.id = container_id
+        self.short_id = container_id[:12]
+        self.sock = sock
+        self.stream = _AttachStream(sock, self._log_stderr)
+        self.writev = _writev(sock)
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
+        self._partial_line = b""
+        # Owned by the pool's lock:
+        self.in_flight: dict[int, Future] = {}
+        self.lost = False
+        self.reader: threading.Thread | None = None
+
+    def _log_stderr(self, data: bytes) -> None:
+        """Log the container's stderr one record per line, tagged with the container."""
+        *lines, self._partial_line = (self._partial_line + data).split(b"\n")
+        if len(self._partial_line) > _MAX_LOG_LINE:
+            lines.append(self._partial_line)
+            self._partial_line = b""
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            self.stderr_tail.append(line)
+            _worker_logger.info("%s: %s", self.short_id, line, extra={"container": self.short_id})
+
+    def end_log(self) -> None:
+        """Log a last line the container left without its newline."""
+        if self._partial_line:
+            self._log_stderr(b"\n")
+
+    def send(self, kind: int, task_id: int, payload: bytes) -> None:
+        _stub.write_message(self.writev, kind, task_id, payload)
+
+    def receive(self, max_size: int) -> tuple[int, int, bytearray]:
+        return _stub.read_message(self.stream.readinto, max_size)
+
+    def handshake(self, hello: dict, deadline: float) -> dict:
+        """Send HELLO, return the stub's READY; the stub says nothing before it."""
+        self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        self.send(_stub.HELLO, 0, json.dumps(hello).encode())
+        kind, _, payload = self.receive(1 << 20)
+        self.sock.settimeout(None)
+        if kind != _stub.READY:
+            raise ValueError(f"expected READY, got message kind {kind}")
+        return json.loads(payload.decode())
+
+
+# Attach sockets of every live container, closed in a forked child: a child that
+# kept them open would keep the engine from closing stdin, and the container
+# would outlive its owner.
+_attach_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def _close_sockets_in_child() -> None:
+    for sock in list(_attach_sockets):
+        with contextlib.suppress(OSError):
+            sock.close()
+    _live_pools.clear()
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+class _Pool:
+    """What the executor's threads share: the queue, the blocks, the state flags.
+
+    The executor holds it; its threads hold it but never the executor, so a
+    forgotten executor is collected and its finalizer shuts the pool down.
+    """
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        owns_client: bool,
+        image: str,
+        create_options: dict,
+        ship: Sequence[str],
+        blocks: int,
+        label: str,
+        pool_id: str,
+        startup_timeout: float,
+    ) -> None:
+        self._client = client
+        self._owns_client = owns_client
+        self._image = image
+        self._create_options = create_options
+        self._archive = _stub_archive(ship)
+        self._hello = {
+            "python": list(sys.version_info[:2]),
+            "path": [_SHIP_DIR, _LIB_DIR],
+            "cloudpickle": cloudpickle is not None,
+        }
+        self._label = label
+        self._startup_timeout = startup_timeout
+        # _changed guards everything below and wakes every thread waiting on it.
+        self._changed = threading.Condition()
+        self._pending: collections.deque[_WorkItem] = collections.deque()
+        self._shutdown = False
+        self._broken: BaseException | None = None
+        self._task_ids = itertools.count(1)
+        self._blocks_running = blocks
+        self._exits = _ExitWatch(client.api, pool_id, label)
+        _live_pools.add(self)
+        self._threads = [
+            threading.Thread(target=self._run_block, args=(index, blocks), name=f"minipool-{label}-block-{index}")
+            for index in range(blocks)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- called by the executor
+
+    def submit(self, item: _WorkItem) -> None:
+        with self._changed:
+            self.check_open()
+            self._pending.append(item)
+            self._changed.notify_all()
+
+    def check_open(self) -> None:
+        """Raise what submit must raise when the pool takes no more work."""
+        with self._changed:
+            if self._broken is not None:
+                raise BrokenContainerPool(f"the pool cannot take work: {self._broken}") from self._broken
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def shutdown(self, cancel_futures: bool = False) -> None:
+        with self._changed:
+            self._shutdown = True
+            cancelled = list(self._pending) if cancel_futures else []
+            if cancel_futures:
+                self._pending.clear()
+            self._changed.notify_all()
+        for item in cancelled:
+            item.future.cancel()
+
+    def join(self) -> None:
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+    # -- state
+
+    def _closing(self) -> bool:
+        return self._broken is not None or (self._shutdown and not self._pending)
+
+    def _break(self, error: BaseException) -> None:
+        """The pool cannot go on: fail what waits, let running tasks finish."""
+        with self._changed:
+            if self._broken is None:
+                self._broken = error
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._changed.notify_all()
+        for item in waiting:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(error)
+
+    def _block_finished(self) -> None:
+        with self._changed:
+            self._blocks_running -= 1
+            last = self._blocks_running == 0
+        if last:
+            self._exits.close()
+            if self._owns_client:
+                self._client.close()
+            _live_pools.discard(self)
+            _logger.debug("pool %s: every block has stopped", self._label)
+
+    # -- block threads
+
+    def _run_block(self, index: int, blocks: int) -> None:
+        """Keep one container running and fed until the pool closes."""
+        try:
+            while True:
+                with self._changed:
+                    if self._closing():
+                        return
+                started = time.monotonic()
+                try:
+                    container = self._start_container()
+                except StartupError as exc:
+                    self._break(exc)
+                    return
+                _logger.info(
+                    "pool %s: block %d/%d ready in container %s (%.2f s)",
+                    self._label, index + 1, blocks, container.short_id, time.monotonic() - started,
+                )
+                self._feed(container)
+                self._stop_container(container)
+        finally:
+            self._block_finished()
+
+    def _start_container(self) -> _Container:
+        """Create, attach, copy the stub in, start, handshake; StartupError otherwise.
+
+        Attach comes before start and the stub says nothing before HELLO: bytes that
+        arrive with the attach's HTTP answer can be lost in docker-py's reader.
+        """
+        deadline = time.monotonic() + self._startup_timeout
+        api = self._client.api
+        try:
+            container_id = str(self._client.containers.create(**self._create_options).id)
+        except (docker.errors.DockerException, OSError) as exc:
+            raise self._startup_error(exc, None) from exc
+        _logger.debug("pool %s: created container %s", self._label, container_id[:12])
+        container = None
+        try:
+            attach = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+            sock = _raw_socket(api.attach_socket(container_id, params=attach))
+            _attach_sockets.add(sock)
+            container = _Container(container_id, sock)
+            api.put_archive(container_id, "/", self._archive)
+            api.start(container_id)
+            ready = container.handshake(self._hello, deadline)
+        except BaseException as exc:
+            if container is not None:
+                container.sock.close()
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                _remove_container(api, container_id)
+            if not isinstance(exc, Exception):
+                raise
+            raise self._startup_error(exc, container) from exc
+        self._check_ready(ready)
+        container.reader = threading.Thread(
+            target=self._read_results, args=(container,), name=f"minipool-{self._label}-reader-{container.short_id}",
+            daemon=True,
+        )
+        container.reader.start()
+        return container
+
+    def _startup_error(self, exc: Exception, container: _Container | None) -> StartupError:
+        what = f"cannot start a container of image {self._image!r}"
+        python = self._create_options["command"][0]
+        if isinstance(exc, docker.errors.APIError):
+            hint = ""
+            if "executable file not found" in str(exc.explanation) or "no such file" in str(exc.explanation):
+                hint = f". Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
+            return StartupError(f"{what}: the engine said: {exc.explanation}{hint}")
+        if isinstance(exc, (docker.errors.DockerException, OSError)) and not isinstance(exc, TimeoutError):
+            return StartupError(f"{what}: {exc}")
+        if container is None:
+            return StartupError(f"{what}: {exc}")
+        container.end_log()
+        stderr = "\n".join(container.stderr_tail) or "(nothing)"
+        if isinstance(exc, TimeoutError):
+            return StartupError(
+                f"{what}: the worker did not answer within startup_timeout={self._startup_timeout} s; "
+                f"its stderr:\n{stderr}"
+            )
+        if isinstance(exc, EOFError):
+            exit_code, oom_killed = self._exits.exit_of(container.id)
+            return StartupError(
+                f"{what}: the worker exited before its handshake ({_describe_exit(exit_code, oom_killed)}). "
+                f"Is {python!r} a Python >= 3.8 interpreter? Its stderr:\n{stderr}"
+            )
+        return StartupError(f"{what}: the worker's handshake failed: {exc}; its stderr:\n{stderr}")
+
+    def _check_ready(self, ready: dict) -> None:
+        python = ".".join(map(str, ready["python"]))
+        if ready["pickle_protocol"] < _stub.PICKLE_PROTOCOL:
+            raise StartupError(f"the image's Python {python} is too old: minipool needs Python >= 3.8")
+        if ready["python"][:2] != list(sys.version_info[:2]):
+            _logger.warning(
+                "pool %s: the image has Python %s, this host %d.%d: importable functions work, but functions "
+                "and classes from __main__ (sent by value) need the same minor version",
+                self._label, python, *sys.version_info[:2],
+            )
+
+    def _feed(self, container: _Container) -> None:
+        """Send tasks to the container until it is lost or the pool closes."""
+        while (task := self._next_task(container)) is not None:
+            task_id, item = task
+            try:
+                container.send(item.kind, task_id, item.payload)
+            except OSError as exc:
+                # The container is gone: its reader fails this task with WorkerLost.
+                _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
+
+    def _next_task(self, container: _Container) -> tuple[int, _WorkItem] | None:
+        """Wait for a task the container has room for; None when it should stop."""
+        with self._changed:
+            while True:
+                if container.lost:
+                    return None
+                if self._broken is None and self._pending and len(container.in_flight) < _TASKS_IN_FLIGHT:
+                    item = self._pending.popleft()
+                    if not item.future.set_running_or_notify_cancel():
+                        continue
+                    task_id = next(self._task_ids)
+                    container.in_flight[task_id] = item.future
+                    return task_id, item
+                if self._closing() and not container.in_flight:
+                    return None
+                self._changed.wait()
+
+    def _stop_container(self, container: _Container) -> None:
+        """Close the stub's stdin so it exits, and wait until the container is removed."""
+        with contextlib.suppress(OSError):
+            container.sock.shutdown(socket.SHUT_WR)
+        assert container.reader is not None
+        container.reader.join(_EXIT_GRACE)
+        try:
+            _remove_container(self._client.api, container.id)
+        except (docker.errors.DockerException, OSError) as exc:
+            _logger.warning("pool %s: could not remove container %s: %s", self._label, container.short_id, exc)
+        container.reader.join(_EXIT_GRACE)
+        container.sock.close()
+        self._exits.forget(container.id)
+        _logger.debug("pool %s: container %s stopped", self._label, container.short_id)
+
+    # -- reader threads
+
+    def _read_results(self, container: _Container) -> None:
+        """Settle futures as results arrive; when the stream ends, fail what was in flight."""
+        error: MiniPoolError | None = None
+        try:
+            while True:
+                kind, task_id, payload = container.receive(_MAX_MESSAGE)
+                with self._changed:
+                    future = container.in_flight.pop(task_id, None)
+                    self._changed.notify_all()
+                if future is None or kind not in (_stub.RESULT, _stub.RAISED):
+                    raise ValueError(f"message kind {kind} for task {task_id}, which is not running there")
+                _settle(future, kind, payload)
+        except (EOFError, OSError):
+            pass
+        except ValueError as exc:
+            error = ProtocolError(f"container {container.short_id}: {exc}")
+            _logger.error("pool %s: %s", self._label, error)
+        container.end_log()
+        with self._changed:
+            container.lost = True
+            orphans = list(container.in_flight.values())
+            container.in_flight.clear()
+            self._changed.notify_all()
+        _logger.debug("pool %s: stream of container %s ended", self._label, container.short_id)
+        if orphans:
+            error = error or self._worker_lost(container)
+            for future in orphans:
+                future.set_exception(error)
+
+    def _worker_lost(self, container: _Container) -> WorkerLost:
+        exit_code, oom_killed = self._exits.exit_of(container.id)
+        stderr = "\n".join(container.stderr_tail) or "(nothing)"
+        message = (
+            f"container {container.short_id} of image {self._image!r} died while running the task "
+            f"({_describe_exit(exit_code, oom_killed)}); the pool replaces it. Its last stderr lines:\n{stderr}"
+        )
+        _logger.warning("pool %s: %s", self._label, message)
+        return WorkerLost(message, container.id, exit_code, oom_killed, container.stderr_tail)
+
+
+# Pools whose threads still run, shut down and joined at interpreter exit.
+_live_pools: set[_Pool] = set()
+_exit_hooks_installed = False
+
+
+def _python_exit() -> None:
+    """At interpreter exit: finish queued work, stop every container."""
+    pools = list(_live_pools)
+    for pool in pools:
+        pool.shutdown()
+    for pool in pools:
+        pool.join()
+
+
+def _install_exit_hooks() -> None:
+    """Once, when the first executor starts: nothing happens at import time."""
+    global _exit_hooks_installed
+    if _exit_hooks_installed:
+        return
+    _exit_hooks_installed = True
+    # Like concurrent.futures: this runs before the interpreter joins non-daemon
+    # threads, so block threads learn that they should stop.
+    threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+    os.register_at_fork(after_in_child=_close_sockets_in_child)
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+class ContainerPoolExecutor(Executor):
+    """An Executor that runs calls in a pool of long-lived containers of one image.
+
+    image: the image to run; it needs a Python 3 interpreter (>= 3.8).
+    blocks: how many containers; each runs one task at a time.
+    engine: a docker.DockerClient, an engine URL ("unix://...", "tcp://...",
+        "ssh://..."), or None for docker.from_env().
+    python: the interpreter's name or path inside the image.
+    workdir: the stub's working directory (default: the image's WorkingDir); it is
+        on the stub's sys.path, so modules there are importable.
+    environment, volumes: as docker's containers.create takes them.
+    ship: paths of local modules or packages copied into every container and put
+        first on its sys.path.
+    container_options: passed unchanged to docker's containers.create (mem_limit,
+        nano_cpus, ulimits, user, device_requests, runtime, network_mode, ...);
+        ours (network none, log driver none, auto_remove) are defaults under it.
+    startup_timeout: seconds a block may take from create to handshake.
+    label: a name for the pool in logs, thread names and container labels.
+    """
+
+    def __init__(
+        self,
+        image: str,
+        blocks: int = 1,
+        *,
+        engine: docker.DockerClient | str | None = None,
+        python: str = "python3",
+        workdir: str | None = None,
+        environment: Mapping[str, str] | Sequence[str] | None = None,
+        volumes: Mapping[str, Any] | Sequence[str] | None = None,
+        ship: Iterable[str | os.PathLike] = (),
+        container_options: Mapping[str, Any] | None = None,
+        startup_timeout: float = 60.0,
+        label: str | None = None,
+    ) -> None:
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"image must be a non-empty image name, not {image!r}")
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+            raise ValueError(f"blocks must be a whole number >= 1, not {blocks!r}")
+        if not startup_timeout > 0:
+            raise ValueError(f"startup_timeout must be > 0 seconds, not {startup_timeout!r}")
+        shipped = [os.fspath(path) for path in ship]
+        for path in shipped:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"ship: {path!r} does not exist")
+        self._label = label or image
+        pool_id = uuid.uuid4().hex[:12]
+        client, owns_client = _connect(engine, pool_size=blocks + 4)
+        try:
+            _check_image(client, image)
+            options = self._create_options(image, python, workdir, environment, volumes, container_options, pool_id)
+            _install_exit_hooks()
+            self._pool = _Pool(
+                client, owns_client, image, options, shipped, blocks, self._label, pool_id, startup_timeout
+            )
+        except (docker.errors.DockerException, OSError) as exc:
+            client.close() if owns_client else None
+            raise StartupError(f"cannot start a pool on the engine at {client.api.base_url}: {exc}") from exc
+        except BaseException:
+            client.close() if owns_client else None
+            raise
+        # A forgotten executor shuts its pool down when collected; exit is _python_exit's.
+        weakref.finalize(self, self._pool.shutdown).atexit = False
+        _logger.debug("pool %s: starting %d block(s) of %s", self._label, blocks, image)
+
+    def _create_options(
+        self,
+        image: str,
+        python: str,
+        workdir: str | None,
+        environment: Any,
+        volumes: Any,
+        container_options: Mapping[str, Any] | None,
+        pool_id: str,
+    ) -> dict:
+        """containers.create's arguments: our defaults, the user's options over them,
+        then what the pool cannot work without."""
+        options: dict[str, Any] = {
+            "network_mode": "none",
+            # Through the default json-file driver every result byte would also be
+            # written to disk, and streaming is ten times slower.
+            "log_config": LogConfig(type=LogConfig.types.NONE),
+            "auto_remove": True,
+        }
+        options.update(container_options or {})
+        if workdir is not None:
+            options["working_dir"] = workdir
+        if environment is not None:
+            options["environment"] = environment
+        if volumes is not None:
+            options["volumes"] = volumes
+        options["labels"] = {
+            **options.get("labels", {}),
+            "minipool": __version__,
+            "minipool.host": socket.gethostname(),
+            "minipool.pid": str(os.getpid()),
+            "minipool.executor": pool_id,
+            "minipool.label": self._label,
+        }
+        # stdin_open without detach makes docker-py set StdinOnce: the engine closes
+        # the stub's stdin when our attach connection drops, even if we are killed.
+        options.update(image=image, command=[python, _STUB_PATH], stdin_open=True, tty=False, detach=False)
+        return options
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        return self._submit(_stub.CALL, (fn, args, kwargs))
+
+    submit.__doc__ = Executor.submit.__doc__
+
+    def _submit_chunk(self, fn: Callable[..., Any], chunk: list) -> Future:
+        return self._submit(_stub.CHUNK, (fn, chunk))
+
+    def _submit(self, kind: int, call: tuple) -> Future:
+        future: Future = Future()
+        try:
+            payload = _pickle_call(call)
+        except TypeError as exc:
+            # Like ProcessPoolExecutor: the future fails, the pool goes on.
+            self._pool.check_open()
+            future.set_exception(exc)
+            return future
+        self._pool.submit(_WorkItem(future, kind, payload))
+        return future
+
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[Any]:
+        """Like Executor.map; each chunk of `chunksize` calls travels as one message."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        chunk_results = Executor.map(
+            _ChunkSubmitter(self._submit_chunk), fn, _chunks(iterables, chunksize), timeout=timeout  # type: ignore[arg-type]
+        )
+        return itertools.chain.from_iterable(chunk_results)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(cancel_futures)
+        if wait:
+            self._pool.join()
+
+    shutdown.__doc__ = Executor.shutdown.__doc__

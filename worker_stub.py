@@ -1,0 +1,225 @@
+"""minipool's worker: the program that runs inside every container of a pool.
+
+The host copies this file into the container and starts it as the container's
+command. It speaks minipool's wire protocol on its own stdin/stdout, which the
+engine's attach connection ties to the host:
+
+    host ── HELLO ──►  stub            (the host speaks first)
+    host ◄── READY ──  stub            (Python version, pickle protocol, pid)
+    host ── CALL/CHUNK(task id) ──►    stub runs fn(*args, **kwargs) in its main thread
+    host ◄── RESULT/RAISED(task id) ─  stub
+
+Every message is a fixed header (magic, version, kind, task id, payload length)
+followed by the payload: JSON for the handshake, pickles for everything else.
+The protocol's file descriptors are kept private: fd 1 points at stderr and fd 0
+at /dev/null, so neither `print`, a C extension nor a subprocess can corrupt the
+channel. A second thread keeps reading stdin while a task runs, so the container
+ends at once when the host goes away (the engine closes stdin).
+
+Standard library only; runs on any CPython >= 3.8. The host also imports this
+module for the protocol's definitions, so the two sides cannot drift apart.
+"""
+
+import faulthandler
+import functools
+import json
+import os
+import pickle
+import queue
+import struct
+import sys
+import threading
+import traceback
+
+MAGIC = 0x4D50  # b"MP": a stray byte on the channel fails loudly instead of being parsed
+VERSION = 1
+# magic, version, message kind, task id, payload length
+HEADER = struct.Struct(">HBBQQ")
+# Protocol 5 (out-of-band buffers) is what every CPython >= 3.8 reads.
+PICKLE_PROTOCOL = 5
+
+# Message kinds. Host to stub:
+HELLO = 1  # JSON: {"python": [major, minor], "path": [dirs for sys.path], "cloudpickle": bool}
+CALL = 2  # pickle of (fn, args, kwargs)
+CHUNK = 3  # pickle of (fn, [args, ...]): one message for a chunk of map()
+# Stub to host:
+READY = 4  # JSON: {"python": [major, minor, micro], "pickle_protocol": n, "pid": n}
+RESULT = 5  # pickle of the return value (a list for CHUNK)
+RAISED = 6  # pickle of (type name, message, traceback text, pickled exception or None)
+
+
+# --------------------------------------------------------------------------- wire protocol
+
+
+def pack_header(kind, task_id, length):
+    return HEADER.pack(MAGIC, VERSION, kind, task_id, length)
+
+
+def unpack_header(header):
+    """Return (kind, task id, payload length); ValueError if it is not our header."""
+    magic, version, kind, task_id, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ValueError("bad frame magic %r: the channel carries something else" % bytes(header[:2]))
+    if version != VERSION:
+        raise ValueError("protocol version %d, expected %d: mixed minipool versions" % (version, VERSION))
+    return kind, task_id, length
+
+
+def fill(readinto, view):
+    """Fill the writable buffer `view` from `readinto`; EOFError if the stream ends first."""
+    view = memoryview(view).cast("B")
+    while view:
+        count = readinto(view)
+        if not count:
+            raise EOFError("stream closed")
+        view = view[count:]
+
+
+def read_message(readinto, max_size):
+    """Read one message: (kind, task id, payload). The payload is a bytearray."""
+    header = bytearray(HEADER.size)
+    fill(readinto, header)
+    kind, task_id, length = unpack_header(header)
+    # Never allocate what a header merely claims beyond the agreed limit.
+    if length > max_size:
+        raise ValueError("message of %d bytes exceeds the limit of %d bytes" % (length, max_size))
+    payload = bytearray(length)
+    fill(readinto, payload)
+    return kind, task_id, payload
+
+
+def send_parts(writev, parts):
+    """Write every byte of `parts` with a vectored `writev`, without joining them."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        sent = writev(views)
+        while sent and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def write_message(writev, kind, task_id, payload):
+    send_parts(writev, [pack_header(kind, task_id, len(payload)), payload])
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def private_channel():
+    """Keep the protocol's descriptors private; return them as (read fd, write fd)."""
+    channel_in = os.dup(0)
+    channel_out = os.dup(1)
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    # fd 1 is stderr now; flush each line so the host logs prints as they happen.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return channel_in, channel_out
+
+
+def serializer(use_cloudpickle):
+    """cloudpickle when the host shipped it: results and exceptions whose classes came
+    by value from the caller's __main__ go back as the caller's own classes."""
+    if not use_cloudpickle:
+        return pickle.dumps
+    import cloudpickle
+
+    return cloudpickle.dumps
+
+
+def describe_exception(exc, dumps):
+    """RAISED payload: readable fields always, the exception itself when it pickles."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        pickled = dumps(exc, protocol=PICKLE_PROTOCOL)
+    except BaseException:
+        pickled = None
+    name = "%s.%s" % (type(exc).__module__, type(exc).__qualname__)
+    return pickle.dumps((name, str(exc), text, pickled), protocol=PICKLE_PROTOCOL)
+
+
+def run_task(kind, payload, dumps, hint):
+    """Run one CALL or CHUNK; return (RESULT or RAISED, payload)."""
+    try:
+        call = pickle.loads(payload)
+    except BaseException as exc:
+        if hint:
+            exc = RuntimeError("cannot unpickle the task: %s: %s. %s" % (type(exc).__name__, exc, hint))
+        return RAISED, describe_exception(exc, dumps)
+    try:
+        if kind == CHUNK:
+            fn, chunk = call
+            result = [fn(*args) for args in chunk]
+        else:
+            fn, args, kwargs = call
+            result = fn(*args, **kwargs)
+    except BaseException as exc:
+        return RAISED, describe_exception(exc, dumps)
+    del call
+    try:
+        return RESULT, dumps(result, protocol=PICKLE_PROTOCOL)
+    except BaseException as exc:
+        error = TypeError("cannot pickle the result of type %s: %s" % (type(result).__qualname__, exc))
+        return RAISED, describe_exception(error, dumps)
+
+
+def read_tasks(readinto, tasks):
+    """Queue every task; when the host goes away (stdin closed), end the container now."""
+    try:
+        while True:
+            tasks.put(read_message(readinto, sys.maxsize))
+    except EOFError:
+        pass
+    except BaseException:
+        traceback.print_exc()
+    sys.stderr.flush()
+    # os._exit: a task still running in the main thread must not delay the exit.
+    os._exit(0)
+
+
+def handshake(readinto, writev):
+    """Answer the host's HELLO; return it as a dict."""
+    kind, _, payload = read_message(readinto, 1 << 20)
+    if kind != HELLO:
+        raise ValueError("expected HELLO, got message kind %d" % kind)
+    hello = json.loads(payload.decode())
+    ready = {"python": list(sys.version_info[:3]), "pickle_protocol": pickle.HIGHEST_PROTOCOL, "pid": os.getpid()}
+    write_message(writev, READY, 0, json.dumps(ready).encode())
+    return hello
+
+
+def version_hint(host_python):
+    """What to add to an unpickling error when the two Pythons differ, or ''."""
+    here = tuple(sys.version_info[:2])
+    if tuple(host_python) == here:
+        return ""
+    return (
+        "Functions and classes defined in the caller's __main__ travel by value, which needs the "
+        "same Python minor version on both sides: host %d.%d, container %d.%d." % (tuple(host_python) + here)
+    )
+
+
+def main():
+    channel_in, channel_out = private_channel()
+    faulthandler.enable()
+    readinto = os.fdopen(channel_in, "rb", buffering=0).readinto
+    writev = functools.partial(os.writev, channel_out)
+    hello = handshake(readinto, writev)
+    # The shipped code and cloudpickle first, then the working directory, where the
+    # seed's `import app1` finds /home/app1.py. They replace the stub's own folder.
+    sys.path[0:1] = hello["path"] + [os.getcwd()]
+    dumps = serializer(hello["cloudpickle"])
+    hint = version_hint(hello["python"])
+    tasks = queue.SimpleQueue()  # type: queue.SimpleQueue[tuple]
+    threading.Thread(target=read_tasks, args=(readinto, tasks), name="minipool-stub-reader", daemon=True).start()
+    while True:
+        kind, task_id, payload = tasks.get()
+        reply, data = run_task(kind, payload, dumps, hint)
+        del payload
+        write_message(writev, reply, task_id, data)
+
+
+if __name__ == "__main__":
+    main()
