@@ -1,0 +1,102 @@
+"""Fixtures: a real engine, the seed's images, and pools that must leave nothing behind."""
+
+import faulthandler
+import importlib.util
+import os
+import re
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPERS = os.path.join(ROOT, "tests", "helpers.py")
+APP1 = "app1_v0.1"
+APP2 = "app2_v0.1"
+# Long enough for a loaded 2-core machine, short enough that a deadlock fails the run.
+DEADLOCK = 60
+
+
+def wait_until(predicate, timeout=DEADLOCK, what="condition"):
+    """Poll `predicate` against a deadline (for states only the engine can tell)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """A Docker client; the container tests skip without an engine, except in CI."""
+    docker = pytest.importorskip("docker")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no Docker engine answers: {exc}")
+        pytest.skip(f"no Docker engine: {exc}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def images(engine):
+    """The seed's images, built (offline if need be) when missing."""
+    spec = importlib.util.spec_from_file_location("build_images", os.path.join(ROOT, "images", "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    build.ensure_images(engine, log=lambda line: print(line, file=sys.stderr))
+    return APP1, APP2
+
+
+def containers_labelled(engine, label):
+    return engine.containers.list(all=True, filters={"label": f"minipool.label={label}"})
+
+
+def minipool_threads(label):
+    return [t for t in threading.enumerate() if t.name.startswith(f"minipool-{label}-")]
+
+
+@pytest.fixture
+def label(request, engine):
+    """A label unique to the test. Teardown proves that none of its containers or
+    threads are left; what is left is removed, then the test fails."""
+    name = re.sub(r"[^a-zA-Z0-9_.-]+", "-", request.node.name)[:60] + f"-{os.getpid()}"
+    yield name
+    wait_until(lambda: not containers_labelled(engine, name), timeout=15, what="containers to go")
+    left = containers_labelled(engine, name)
+    for container in left:
+        container.remove(force=True)
+    assert not left, f"containers left behind: {[c.short_id for c in left]}"
+    wait_until(lambda: not minipool_threads(name), timeout=15, what="minipool threads to end")
+
+
+@pytest.fixture
+def make_pool(images, label):
+    """Make ContainerPoolExecutors labelled for the test; shut them down quickly at teardown."""
+    from minipool import ContainerPoolExecutor
+
+    pools = []
+
+    def make(image=APP1, blocks=1, **options):
+        options.setdefault("ship", [HELPERS])
+        pool = ContainerPoolExecutor(image, blocks, label=label, **options)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        started = time.monotonic()
+        pool.shutdown(wait=True, cancel_futures=True)
+        assert time.monotonic() - started < 15, "shutdown was not quick"
+
+
+@pytest.fixture(autouse=True)
+def dump_stacks_on_deadlock():
+    """A test that hangs past the deadlock timeout prints every thread's stack."""
+    faulthandler.dump_traceback_later(DEADLOCK * 3, exit=False)
+    yield
+    faulthandler.cancel_dump_traceback_later()

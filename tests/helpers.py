@@ -1,0 +1,90 @@
+"""Task functions for the tests: top-level, so they pickle by reference.
+
+Importable on the host (pytest puts tests/ on sys.path) and shipped into every
+test container with `ship=`, so the stub imports them by the same name.
+"""
+
+import ctypes
+import importlib
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def double(x):
+    return 2 * x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def echo(*args, **kwargs):
+    return args, kwargs
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def raise_value_error(message):
+    raise ValueError(message)
+
+
+def raise_from_module(name):
+    """Raise the exception of a module that exists only in the container."""
+    importlib.import_module(name).fail()
+
+
+def exit_now(code):
+    os._exit(code)
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfault():
+    ctypes.string_at(0)
+
+
+def allocate(megabytes):
+    """Touch every page, so a memory limit is really hit."""
+    return len(b"x" * (megabytes << 20))
+
+
+def unpicklable_result():
+    return threading.Lock()
+
+
+def noisy(value):
+    """Write to fd 1 every way a task could: neither may reach the protocol channel."""
+    print("noise from print")
+    sys.stdout.flush()
+    os.write(1, b"noise from fd 1\n")
+    sys.stderr.write("noise on stderr\n")
+    return value
+
+
+def pid():
+    return os.getpid()
+
+
+def where():
+    return os.getcwd(), sys.path
+
+
+def environ(name):
+    return os.environ.get(name)
+
+
+def read_text(path):
+    with open(path) as file:
+        return file.read()
+
+
+def identity(value):
+    return value

@@ -1,0 +1,184 @@
+"""The wire protocol and the stub over plain subprocess pipes: no engine needed."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import helpers
+import worker_stub as stub
+
+STUB = stub.__file__
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+class Stub:
+    """worker_stub.py in a subprocess, spoken to as the host would."""
+
+    def __init__(self, hello=None):
+        self.process = subprocess.Popen(
+            [sys.executable, STUB], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.writev = lambda views: self.process.stdin.write(b"".join(views))
+        hello = hello or {"python": list(sys.version_info[:2]), "path": [TESTS], "cloudpickle": True}
+        self.send(stub.HELLO, 0, json.dumps(hello).encode())
+        kind, _, payload = self.receive()
+        assert kind == stub.READY
+        self.ready = json.loads(payload)
+
+    def send(self, kind, task_id, payload):
+        stub.write_message(self.writev, kind, task_id, payload)
+        self.process.stdin.flush()
+
+    def receive(self):
+        return stub.read_message(self.process.stdout.readinto, 1 << 30)
+
+    def call(self, task_id, fn, *args, **kwargs):
+        self.send(stub.CALL, task_id, pickle.dumps((fn, args, kwargs), protocol=stub.PICKLE_PROTOCOL))
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=10)
+        self.process.stdout.close()
+        stderr = self.process.stderr.read().decode()
+        self.process.stderr.close()
+        return stderr
+
+
+@pytest.fixture
+def worker():
+    process = Stub()
+    yield process
+    if process.process.poll() is None:
+        process.process.kill()
+        process.close()
+
+
+def test_header_round_trip():
+    header = stub.pack_header(stub.CALL, 7, 1234)
+    assert stub.unpack_header(header) == (stub.CALL, 7, 1234)
+
+
+@pytest.mark.parametrize(
+    "header, complaint",
+    [
+        (b"XX" + stub.pack_header(stub.CALL, 1, 1)[2:], "magic"),
+        (stub.HEADER.pack(stub.MAGIC, stub.VERSION + 1, stub.CALL, 1, 1), "version"),
+    ],
+)
+def test_foreign_header_is_refused(header, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        stub.unpack_header(header)
+
+
+def test_claimed_length_over_the_limit_is_not_allocated():
+    data = stub.pack_header(stub.RESULT, 1, 1 << 60)
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        stub.read_message(_reader(data), 1 << 20)
+
+
+def test_truncated_message_is_eof():
+    data = stub.pack_header(stub.RESULT, 1, 10) + b"abc"
+    with pytest.raises(EOFError):
+        stub.read_message(_reader(data), 1 << 20)
+
+
+def test_send_parts_survives_partial_writes():
+    written = bytearray()
+
+    def writev(views):  # accepts at most 3 bytes a call, like a full pipe
+        data = b"".join(bytes(view) for view in views)[:3]
+        written.extend(data)
+        return len(data)
+
+    stub.send_parts(writev, [b"abcd", b"", b"efghij", b"k"])
+    assert written == b"abcdefghijk"
+
+
+def _reader(data):
+    view = memoryview(data)
+
+    def readinto(buffer):
+        nonlocal view
+        count = min(len(buffer), len(view))
+        buffer[:count] = view[:count]
+        view = view[count:]
+        return count
+
+    return readinto
+
+
+def test_handshake_reports_python_and_pickle(worker):
+    assert worker.ready["python"][:2] == list(sys.version_info[:2])
+    assert worker.ready["pickle_protocol"] >= stub.PICKLE_PROTOCOL
+    assert worker.ready["pid"] == worker.process.pid
+
+
+def test_call_and_chunk(worker):
+    worker.call(1, helpers.add, 2, b=3)
+    assert _reply(worker) == (stub.RESULT, 1, 5)
+    worker.send(stub.CHUNK, 2, pickle.dumps((helpers.add, [(1, 2), (3, 4)])))
+    assert _reply(worker) == (stub.RESULT, 2, [3, 7])
+
+
+def test_exception_travels_with_its_traceback(worker):
+    worker.call(3, helpers.raise_value_error, "boom")
+    kind, task_id, payload = worker.receive()
+    name, message, text, pickled = pickle.loads(payload)
+    assert (kind, task_id, name, message) == (stub.RAISED, 3, "builtins.ValueError", "boom")
+    assert "raise_value_error" in text
+    assert isinstance(pickle.loads(pickled), ValueError)
+
+
+def test_unpicklable_result_fails_only_its_task(worker):
+    worker.call(4, helpers.unpicklable_result)
+    kind, _, payload = worker.receive()
+    assert kind == stub.RAISED
+    assert "cannot pickle the result of type lock" in pickle.loads(payload)[1]
+    worker.call(5, helpers.double, 21)
+    assert _reply(worker) == (stub.RESULT, 5, 42)
+
+
+def test_task_output_does_not_reach_the_channel(worker):
+    worker.call(6, helpers.noisy, "clean")
+    assert _reply(worker) == (stub.RESULT, 6, "clean")
+    stderr = worker.close()
+    assert "noise from print" in stderr and "noise from fd 1" in stderr and "noise on stderr" in stderr
+
+
+def test_closed_stdin_ends_the_stub_while_a_task_runs(worker):
+    worker.call(7, helpers.sleep_then, 60)
+    time.sleep(0.2)
+    started = time.monotonic()
+    worker.close()
+    assert worker.process.returncode == 0
+    assert time.monotonic() - started < 5
+
+
+def test_garbage_ends_the_stub_with_a_message(worker):
+    worker.process.stdin.write(b"garbage that is no header!")
+    worker.process.stdin.flush()
+    worker.process.wait(timeout=10)
+    assert "bad frame magic" in worker.close()
+
+
+def test_version_mismatch_is_named_when_unpickling_fails():
+    other = [sys.version_info[0], sys.version_info[1] + 1]
+    worker = Stub({"python": other, "path": [], "cloudpickle": False})
+    try:
+        worker.send(stub.CALL, 1, b"not a pickle")
+        name, message, _, _ = pickle.loads(worker.receive()[2])
+        assert "same Python minor version" in message
+    finally:
+        worker.process.send_signal(signal.SIGKILL)
+        worker.close()
+
+
+def _reply(worker):
+    kind, task_id, payload = worker.receive()
+    return kind, task_id, pickle.loads(payload)
