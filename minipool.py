@@ -652,10 +652,11 @@ class _Pool:
     def _startup_error(self, exc: Exception, container: _Container | None) -> StartupError:
         what = f"cannot start a container of image {self._image!r}"
         python = self._create_options["command"][0]
+        not_found = f"Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
         if isinstance(exc, docker.errors.APIError):
             hint = ""
             if "executable file not found" in str(exc.explanation) or "no such file" in str(exc.explanation):
-                hint = f". Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
+                hint = f". {not_found}"
             return StartupError(f"{what}: the engine said: {exc.explanation}{hint}")
         if isinstance(exc, (docker.errors.DockerException, OSError)) and not isinstance(exc, TimeoutError):
             return StartupError(f"{what}: {exc}")
@@ -670,9 +671,11 @@ class _Pool:
             )
         if isinstance(exc, EOFError):
             exit_code, oom_killed = self._exits.exit_of(container.id)
+            # 126 and 127: the init could not run the command at all.
+            hint = not_found if exit_code in (126, 127) else f"Is {python!r} a Python >= 3.8 interpreter?"
             return StartupError(
                 f"{what}: the worker exited before its handshake ({_describe_exit(exit_code, oom_killed)}). "
-                f"Is {python!r} a Python >= 3.8 interpreter? Its stderr:\n{stderr}"
+                f"{hint} Its stderr:\n{stderr}"
             )
         return StartupError(f"{what}: the worker's handshake failed: {exc}; its stderr:\n{stderr}")
 
@@ -883,6 +886,9 @@ class ContainerPoolExecutor(Executor):
             # written to disk, and streaming is ten times slower.
             "log_config": LogConfig(type=LogConfig.types.NONE),
             "auto_remove": True,
+            # tini as PID 1: the stub then has ordinary signal handling (PID 1 ignores
+            # signals it has no handler for) and a task's orphaned children are reaped.
+            "init": True,
         }
         options.update(container_options or {})
         if workdir is not None:

@@ -8,6 +8,7 @@ import ctypes
 import importlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -88,3 +89,9 @@ def read_text(path):
 
 def identity(value):
     return value
+
+
+def hostname_after(seconds):
+    """The container's hostname (its short id), after a while."""
+    time.sleep(seconds)
+    return socket.gethostname()

@@ -1,0 +1,299 @@
+"""What only a container pool does: images, shipping code, crashes, startup, cleanup."""
+
+import concurrent.futures as cf
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import threading
+import time
+
+import pytest
+from conftest import DEADLOCK
+from conftest import ROOT
+from conftest import containers_labelled
+from conftest import wait_until
+
+import helpers
+import minipool
+from minipool import BrokenContainerPool
+from minipool import ContainerPoolExecutor
+from minipool import RemoteError
+from minipool import StartupError
+from minipool import WorkerLost
+
+
+def run_script(code, *args, timeout=DEADLOCK, **popen):
+    """Run `code` as a user's script (its functions live in __main__)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, **popen,
+    )
+
+
+def test_the_images_working_dir_is_importable(make_pool):
+    pool = make_pool()
+    cwd, path = pool.submit(helpers.where).result(DEADLOCK)
+    assert cwd == "/home"
+    assert "/home" in path
+    assert pool.submit(helpers.read_text, "/home/app1.py").result(DEADLOCK).count("def predict") == 1
+
+
+def test_seed_scenario_in_a_script(images, label):
+    """The seed: app_1 is defined in the user's script and imports app1 in the container."""
+    result = run_script(
+        f"""
+        from minipool import ContainerPoolExecutor
+
+        def app_1(data):
+            import app1
+            return app1.predict(data)
+
+        def app_2(data):
+            import app2
+            return app2.predict(data)
+
+        with ContainerPoolExecutor("app1_v0.1", label="{label}") as pool1, \\
+                ContainerPoolExecutor("app2_v0.1", label="{label}") as pool2:
+            print(pool1.submit(app_1, [1, 2, 3]).result(), pool2.submit(app_2, [1, 2, 3]).result())
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[2, 4, 6] [1, 4, 9]"
+
+
+def test_main_code_travels_by_value(images, label):
+    """Lambdas, closures and classes from __main__ go in and come back as the caller's own."""
+    result = run_script(
+        f"""
+        from minipool import ContainerPoolExecutor
+
+        class Point:
+            def __init__(self, x):
+                self.x = x
+
+        class Refused(Exception):
+            pass
+
+        def make(x):
+            return Point(x)
+
+        def refuse():
+            raise Refused("no")
+
+        offset = 10
+        with ContainerPoolExecutor("app1_v0.1", label="{label}") as pool:
+            assert pool.submit(lambda x: x + offset, 1).result() == 11
+            point = pool.submit(make, 3).result()
+            assert type(point) is Point and point.x == 3, point
+            try:
+                pool.submit(refuse).result()
+            except Refused as exc:
+                assert "refuse" in str(exc.__cause__)
+            assert list(pool.map(lambda p: p.x, [Point(1), Point(2)])) == [1, 2]
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_remote_traceback_is_the_cause(make_pool):
+    future = make_pool().submit(helpers.raise_value_error, "deep")
+    with pytest.raises(ValueError) as info:
+        future.result(DEADLOCK)
+    assert "in raise_value_error" in str(info.value.__cause__)
+    assert 'raise ValueError(message)' in str(info.value.__cause__)
+
+
+def test_exception_class_the_host_cannot_load_is_a_remote_error(make_pool, tmp_path):
+    module = tmp_path / "only_in_container.py"
+    module.write_text("class Private(Exception):\n    pass\n\ndef fail():\n    raise Private('from inside')\n")
+    pool = make_pool(ship=[conftest_helpers(), str(module)])
+    with pytest.raises(RemoteError) as info:
+        pool.submit(helpers.raise_from_module, "only_in_container").result(DEADLOCK)
+    assert info.value.type_name == "only_in_container.Private"
+    assert info.value.message == "from inside"
+    assert "def fail" in info.value.traceback or "fail()" in info.value.traceback
+
+
+def conftest_helpers():
+    return os.path.join(ROOT, "tests", "helpers.py")
+
+
+def test_unpicklable_argument_fails_only_that_future(make_pool):
+    pool = make_pool()
+    future = pool.submit(helpers.identity, threading.Lock())
+    with pytest.raises(TypeError, match="lock"):
+        future.result(DEADLOCK)
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
+def test_unpicklable_result_fails_only_that_future(make_pool):
+    pool = make_pool()
+    with pytest.raises(TypeError, match="cannot pickle the result of type lock"):
+        pool.submit(helpers.unpicklable_result).result(DEADLOCK)
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
+def test_task_output_is_logged_per_line_and_never_corrupts_results(make_pool, caplog):
+    pool = make_pool()
+    with caplog.at_level(logging.INFO, logger="minipool.worker"):
+        assert pool.submit(helpers.noisy, "clean").result(DEADLOCK) == "clean"
+        wait_until(lambda: len([r for r in caplog.records if r.name == "minipool.worker"]) >= 3, what="logs")
+    lines = [r for r in caplog.records if r.name == "minipool.worker"]
+    assert {r.getMessage().split(": ", 1)[1] for r in lines} >= {"noise from print", "noise from fd 1", "noise on stderr"}
+    assert all(r.container == lines[0].container for r in lines)
+
+
+# --------------------------------------------------------------------------- crashes
+
+CRASHES = [
+    # (task, args, container options, exit code, OOM-killed, words in the message)
+    (helpers.exit_now, (3,), {}, 3, False, "exit code 3"),
+    (helpers.kill_self, (), {}, 137, False, "SIGKILL"),
+    (helpers.segfault, (), {}, 139, False, "SIGSEGV"),
+    (helpers.allocate, (400,), {"mem_limit": "64m", "memswap_limit": "64m"}, 137, True, "more memory"),
+]
+
+
+@pytest.mark.parametrize("task, args, options, exit_code, oom, words", CRASHES, ids=lambda v: getattr(v, "__name__", None))
+def test_crash_fails_the_task_with_worker_lost_and_the_pool_heals(make_pool, task, args, options, exit_code, oom, words):
+    pool = make_pool(blocks=2, container_options=options)
+    bystanders = [pool.submit(helpers.sleep_then, 0.2, i) for i in range(4)]
+    with pytest.raises(WorkerLost) as info:
+        pool.submit(task, *args).result(DEADLOCK)
+    lost = info.value
+    assert (lost.exit_code, lost.oom_killed) == (exit_code, oom)
+    assert words in str(lost)
+    assert len(lost.container_id) == 64
+    if task is helpers.segfault:
+        assert any("Segmentation fault" in line for line in lost.stderr_tail)
+    assert [f.result(DEADLOCK) for f in bystanders] == [0, 1, 2, 3]
+    assert sorted(pool.map(helpers.double, range(6))) == [0, 2, 4, 6, 8, 10]
+
+
+def test_container_killed_from_outside(make_pool, engine, label):
+    pool = make_pool()
+    before = pool.submit(helpers.hostname_after, 0).result(DEADLOCK)
+    future = pool.submit(helpers.sleep_then, 60)
+    wait_until(future.running, what="the task to start")
+    (container,) = containers_labelled(engine, label)
+    container.kill()
+    with pytest.raises(WorkerLost, match="SIGKILL"):
+        future.result(DEADLOCK)
+    assert pool.submit(helpers.hostname_after, 0).result(DEADLOCK) != before
+    assert pool.submit(helpers.double, 5).result(DEADLOCK) == 10
+
+
+# --------------------------------------------------------------------------- startup
+
+
+@pytest.fixture(scope="session")
+def image_without_python(engine):
+    """An image with nothing in it but an empty /tmp."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("tmp")
+        info.type, info.mode = tarfile.DIRTYPE, 0o1777
+        tar.addfile(info)
+    engine.api.import_image_from_data(buffer.getvalue(), repository="minipool-test-nopython", tag="1")
+    yield "minipool-test-nopython:1"
+    engine.images.remove("minipool-test-nopython:1", force=True)
+
+
+def test_unreachable_engine(label):
+    with pytest.raises(StartupError, match="cannot reach"):
+        ContainerPoolExecutor("app1_v0.1", engine="unix:///nonexistent/docker.sock", label=label)
+
+
+def test_missing_image(engine, label):
+    with pytest.raises(StartupError, match="is not on the engine"):
+        ContainerPoolExecutor("minipool-no-such-image:0", engine=engine, label=label)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no python in the image", "not a python", "entrypoint exits at once", "option the engine rejects", "silent"],
+)
+def test_startup_failures_raise_startup_error_and_leave_nothing(make_pool, image_without_python, case):
+    image, options, words = {
+        "no python in the image": (image_without_python, {}, "Is 'python3' in the image"),
+        "not a python": ("app1_v0.1", {"python": "sh"}, "exited before its handshake"),
+        "entrypoint exits at once": ("app1_v0.1", {"container_options": {"entrypoint": ["true"]}}, "exit code 0"),
+        "option the engine rejects": ("app1_v0.1", {"container_options": {"runtime": "no-such-runtime"}}, "no-such-runtime"),
+        "silent": ("app1_v0.1", {"startup_timeout": 1, "container_options": {"entrypoint": ["sh", "-c", "sleep 30"]}}, "did not answer"),
+    }[case]
+    pool = make_pool(image, blocks=2, **options)
+    future = pool.submit(helpers.double, 1)
+    started = time.monotonic()
+    with pytest.raises(StartupError, match=words):
+        future.result(DEADLOCK)
+    assert time.monotonic() - started < DEADLOCK
+    with pytest.raises(BrokenContainerPool):
+        pool.submit(helpers.double, 1)
+    assert isinstance(future.exception(), cf.BrokenExecutor)
+
+
+@pytest.mark.parametrize("bad", [{"blocks": 0}, {"blocks": 1.5}, {"image": ""}, {"startup_timeout": -1}])
+def test_bad_arguments_fail_at_once(bad):
+    arguments = {"image": "app1_v0.1", **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ContainerPoolExecutor(**arguments)
+
+
+# --------------------------------------------------------------------------- containers as created
+
+
+def test_containers_are_created_as_designed(make_pool, engine, label):
+    pool = make_pool(
+        environment={"GREETING": "hi"},
+        container_options={"labels": {"team": "models"}, "mem_limit": "256m"},
+    )
+    assert pool.submit(helpers.environ, "GREETING").result(DEADLOCK) == "hi"
+    (container,) = containers_labelled(engine, label)
+    config, host = container.attrs["Config"], container.attrs["HostConfig"]
+    assert config["StdinOnce"] and config["OpenStdin"] and not config["Tty"]
+    assert host["NetworkMode"] == "none"
+    assert host["LogConfig"]["Type"] == "none"
+    assert host["AutoRemove"]
+    assert host["Memory"] == 256 << 20
+    assert config["Labels"]["team"] == "models"
+    assert config["Labels"]["minipool.pid"] == str(os.getpid())
+    assert config["Labels"]["minipool.label"] == label
+
+
+def test_workdir_and_volumes(make_pool, tmp_path):
+    (tmp_path / "data.txt").write_text("mounted")
+    pool = make_pool(workdir="/tmp", volumes={str(tmp_path): {"bind": "/data", "mode": "ro"}})
+    cwd, path = pool.submit(helpers.where).result(DEADLOCK)
+    assert cwd == "/tmp" and "/tmp" in path
+    assert pool.submit(helpers.read_text, "/data/data.txt").result(DEADLOCK) == "mounted"
+
+
+def test_ship_a_package(make_pool, tmp_path):
+    package = tmp_path / "shipped_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .core import VALUE\n")
+    (package / "core.py").write_text("VALUE = 'shipped'\n")
+    script = tmp_path / "use_it.py"
+    script.write_text("def value():\n    import shipped_pkg\n    return shipped_pkg.VALUE\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import use_it
+
+        pool = make_pool(ship=[conftest_helpers(), str(package), str(script)])
+        assert pool.submit(use_it.value).result(DEADLOCK) == "shipped"
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_every_block_serves(make_pool):
+    pool = make_pool(blocks=3)
+    hosts = {f.result(DEADLOCK) for f in [pool.submit(helpers.hostname_after, 1.0) for _ in range(3)]}
+    assert len(hosts) == 3
