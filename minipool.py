@@ -274,6 +274,31 @@ def _check_image(client: docker.DockerClient, image: str) -> None:
         raise StartupError(f"cannot reach the Docker engine at {client.api.base_url}: {exc}") from exc
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _sweep_orphans(client: docker.DockerClient) -> None:
+    """Remove containers that dead executors on this host left behind.
+
+    A caller killed between creating a container and starting it leaves it in
+    Created: StdinOnce and auto_remove only act on a started container.
+    """
+    mine = {"label": [f"minipool.host={socket.gethostname()}"]}
+    for container in client.api.containers(all=True, filters=mine):
+        owner = container["Labels"].get("minipool.pid", "")
+        if owner.isdigit() and not _pid_alive(int(owner)):
+            _logger.info("removing container %s left by dead process %s", container["Id"][:12], owner)
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                _remove_container(client.api, container["Id"])
+
+
 def _tar_entry(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     """Readable by any user the container runs as; no bytecode caches."""
     if "__pycache__" in info.name or info.name.endswith(".pyc"):
@@ -853,6 +878,7 @@ class ContainerPoolExecutor(Executor):
         client, owns_client = _connect(engine, pool_size=blocks + 4)
         try:
             _check_image(client, image)
+            _sweep_orphans(client)
             options = self._create_options(image, python, workdir, environment, volumes, container_options, pool_id)
             _install_exit_hooks()
             self._pool = _Pool(

@@ -4,14 +4,17 @@ import faulthandler
 import importlib.util
 import os
 import re
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HELPERS = os.path.join(ROOT, "tests", "helpers.py")
+TESTS = os.path.join(ROOT, "tests")
+HELPERS = os.path.join(TESTS, "helpers.py")
 APP1 = "app1_v0.1"
 APP2 = "app2_v0.1"
 # Long enough for a loaded 2-core machine, short enough that a deadlock fails the run.
@@ -25,6 +28,15 @@ def wait_until(predicate, timeout=DEADLOCK, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
+
+
+def start_script(code, env_path=(ROOT, TESTS), cwd=None):
+    """Start `code` as a user's script: its functions live in __main__, its stdout is a pipe."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(env_path)}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +65,8 @@ def images(engine):
 
 
 def containers_labelled(engine, label):
-    return engine.containers.list(all=True, filters={"label": f"minipool.label={label}"})
+    """Ids of the containers carrying the test's label, in any state."""
+    return [c["Id"] for c in engine.api.containers(all=True, filters={"label": f"minipool.label={label}"})]
 
 
 def minipool_threads(label):
@@ -68,9 +81,9 @@ def label(request, engine):
     yield name
     wait_until(lambda: not containers_labelled(engine, name), timeout=15, what="containers to go")
     left = containers_labelled(engine, name)
-    for container in left:
-        container.remove(force=True)
-    assert not left, f"containers left behind: {[c.short_id for c in left]}"
+    for container_id in left:
+        engine.api.remove_container(container_id, force=True)
+    assert not left, f"containers left behind: {left}"
     wait_until(lambda: not minipool_threads(name), timeout=15, what="minipool threads to end")
 
 

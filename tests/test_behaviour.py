@@ -4,10 +4,10 @@ import concurrent.futures as cf
 import threading
 
 import pytest
-from conftest import DEADLOCK
-from conftest import wait_until
 
 import helpers
+from conftest import DEADLOCK
+from conftest import wait_until
 
 
 @pytest.fixture(params=["threads", "containers"])

@@ -4,22 +4,20 @@ import concurrent.futures as cf
 import io
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import textwrap
 import threading
 import time
 
 import pytest
-from conftest import DEADLOCK
-from conftest import ROOT
-from conftest import containers_labelled
-from conftest import wait_until
 
 import helpers
-import minipool
+from conftest import DEADLOCK
+from conftest import HELPERS
+from conftest import containers_labelled
+from conftest import start_script
+from conftest import wait_until
 from minipool import BrokenContainerPool
 from minipool import ContainerPoolExecutor
 from minipool import RemoteError
@@ -27,13 +25,11 @@ from minipool import StartupError
 from minipool import WorkerLost
 
 
-def run_script(code, *args, timeout=DEADLOCK, **popen):
+def run_script(code):
     """Run `code` as a user's script (its functions live in __main__)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True, text=True, timeout=timeout, env=env, **popen,
-    )
+    process = start_script(code)
+    out, err = process.communicate(timeout=DEADLOCK)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def test_the_images_working_dir_is_importable(make_pool):
@@ -114,16 +110,12 @@ def test_remote_traceback_is_the_cause(make_pool):
 def test_exception_class_the_host_cannot_load_is_a_remote_error(make_pool, tmp_path):
     module = tmp_path / "only_in_container.py"
     module.write_text("class Private(Exception):\n    pass\n\ndef fail():\n    raise Private('from inside')\n")
-    pool = make_pool(ship=[conftest_helpers(), str(module)])
+    pool = make_pool(ship=[HELPERS, str(module)])
     with pytest.raises(RemoteError) as info:
         pool.submit(helpers.raise_from_module, "only_in_container").result(DEADLOCK)
     assert info.value.type_name == "only_in_container.Private"
     assert info.value.message == "from inside"
     assert "def fail" in info.value.traceback or "fail()" in info.value.traceback
-
-
-def conftest_helpers():
-    return os.path.join(ROOT, "tests", "helpers.py")
 
 
 def test_unpicklable_argument_fails_only_that_future(make_pool):
@@ -147,7 +139,8 @@ def test_task_output_is_logged_per_line_and_never_corrupts_results(make_pool, ca
         assert pool.submit(helpers.noisy, "clean").result(DEADLOCK) == "clean"
         wait_until(lambda: len([r for r in caplog.records if r.name == "minipool.worker"]) >= 3, what="logs")
     lines = [r for r in caplog.records if r.name == "minipool.worker"]
-    assert {r.getMessage().split(": ", 1)[1] for r in lines} >= {"noise from print", "noise from fd 1", "noise on stderr"}
+    messages = {r.getMessage().split(": ", 1)[1] for r in lines}
+    assert messages >= {"noise from print", "noise from fd 1", "noise on stderr"}
     assert all(r.container == lines[0].container for r in lines)
 
 
@@ -162,8 +155,8 @@ CRASHES = [
 ]
 
 
-@pytest.mark.parametrize("task, args, options, exit_code, oom, words", CRASHES, ids=lambda v: getattr(v, "__name__", None))
-def test_crash_fails_the_task_with_worker_lost_and_the_pool_heals(make_pool, task, args, options, exit_code, oom, words):
+@pytest.mark.parametrize("task, args, options, exit_code, oom, words", CRASHES, ids=[c[0].__name__ for c in CRASHES])
+def test_crash_fails_its_task_with_worker_lost_and_pool_heals(make_pool, task, args, options, exit_code, oom, words):
     pool = make_pool(blocks=2, container_options=options)
     bystanders = [pool.submit(helpers.sleep_then, 0.2, i) for i in range(4)]
     with pytest.raises(WorkerLost) as info:
@@ -183,8 +176,8 @@ def test_container_killed_from_outside(make_pool, engine, label):
     before = pool.submit(helpers.hostname_after, 0).result(DEADLOCK)
     future = pool.submit(helpers.sleep_then, 60)
     wait_until(future.running, what="the task to start")
-    (container,) = containers_labelled(engine, label)
-    container.kill()
+    (container_id,) = containers_labelled(engine, label)
+    engine.api.kill(container_id)
     with pytest.raises(WorkerLost, match="SIGKILL"):
         future.result(DEADLOCK)
     assert pool.submit(helpers.hostname_after, 0).result(DEADLOCK) != before
@@ -226,8 +219,12 @@ def test_startup_failures_raise_startup_error_and_leave_nothing(make_pool, image
         "no python in the image": (image_without_python, {}, "Is 'python3' in the image"),
         "not a python": ("app1_v0.1", {"python": "sh"}, "exited before its handshake"),
         "entrypoint exits at once": ("app1_v0.1", {"container_options": {"entrypoint": ["true"]}}, "exit code 0"),
-        "option the engine rejects": ("app1_v0.1", {"container_options": {"runtime": "no-such-runtime"}}, "no-such-runtime"),
-        "silent": ("app1_v0.1", {"startup_timeout": 1, "container_options": {"entrypoint": ["sh", "-c", "sleep 30"]}}, "did not answer"),
+        "option the engine rejects": ("app1_v0.1", {"container_options": {"runtime": "nope"}}, "nope"),
+        "silent": (
+            "app1_v0.1",
+            {"startup_timeout": 1, "container_options": {"entrypoint": ["sh", "-c", "sleep 30"]}},
+            "did not answer",
+        ),
     }[case]
     pool = make_pool(image, blocks=2, **options)
     future = pool.submit(helpers.double, 1)
@@ -256,8 +253,9 @@ def test_containers_are_created_as_designed(make_pool, engine, label):
         container_options={"labels": {"team": "models"}, "mem_limit": "256m"},
     )
     assert pool.submit(helpers.environ, "GREETING").result(DEADLOCK) == "hi"
-    (container,) = containers_labelled(engine, label)
-    config, host = container.attrs["Config"], container.attrs["HostConfig"]
+    (container_id,) = containers_labelled(engine, label)
+    attrs = engine.api.inspect_container(container_id)
+    config, host = attrs["Config"], attrs["HostConfig"]
     assert config["StdinOnce"] and config["OpenStdin"] and not config["Tty"]
     assert host["NetworkMode"] == "none"
     assert host["LogConfig"]["Type"] == "none"
@@ -287,7 +285,7 @@ def test_ship_a_package(make_pool, tmp_path):
     try:
         import use_it
 
-        pool = make_pool(ship=[conftest_helpers(), str(package), str(script)])
+        pool = make_pool(ship=[HELPERS, str(package), str(script)])
         assert pool.submit(use_it.value).result(DEADLOCK) == "shipped"
     finally:
         sys.path.remove(str(tmp_path))

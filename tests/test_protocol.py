@@ -172,7 +172,7 @@ def test_version_mismatch_is_named_when_unpickling_fails():
     worker = Stub({"python": other, "path": [], "cloudpickle": False})
     try:
         worker.send(stub.CALL, 1, b"not a pickle")
-        name, message, _, _ = pickle.loads(worker.receive()[2])
+        _, message, _, _ = pickle.loads(worker.receive()[2])
         assert "same Python minor version" in message
     finally:
         worker.process.send_signal(signal.SIGKILL)

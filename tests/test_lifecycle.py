@@ -1,0 +1,187 @@
+"""Shutdown and the caller's end: whatever way it goes, no container is left."""
+
+import gc
+import os
+import shutil
+import signal
+import time
+
+import helpers
+from conftest import DEADLOCK
+from conftest import ROOT
+from conftest import containers_labelled
+from conftest import start_script
+from conftest import wait_until
+from minipool import ContainerPoolExecutor
+
+
+def finish(process):
+    out, err = process.communicate(timeout=DEADLOCK)
+    return process.returncode, out, err
+
+
+def test_idle_pool_shuts_down_quickly(make_pool, engine, label):
+    pool = make_pool(blocks=4)
+    assert sorted(pool.map(helpers.hostname_after, [0.3] * 4)) != []
+    assert len(containers_labelled(engine, label)) == 4
+    started = time.monotonic()
+    pool.shutdown()
+    elapsed = time.monotonic() - started
+    assert not containers_labelled(engine, label), "shutdown(wait=True) returned before the containers were gone"
+    assert elapsed < 2, f"an idle 4-block pool took {elapsed:.2f} s to shut down"
+
+
+def test_shutdown_without_wait_returns_at_once_and_cleans_up(make_pool, engine, label):
+    pool = make_pool()
+    future = pool.submit(helpers.sleep_then, 1.0, "done")
+    wait_until(future.running, what="the task to start")
+    started = time.monotonic()
+    pool.shutdown(wait=False)
+    assert time.monotonic() - started < 0.5
+    assert future.result(DEADLOCK) == "done"
+    wait_until(lambda: not containers_labelled(engine, label), timeout=15, what="containers to go")
+
+
+def test_a_forgotten_executor_shuts_itself_down(images, engine, label):
+    pool = ContainerPoolExecutor("app1_v0.1", label=label)
+    assert pool.submit(abs, -3).result(DEADLOCK) == 3
+    del pool
+    gc.collect()
+    wait_until(lambda: not containers_labelled(engine, label), timeout=15, what="containers to go")
+
+
+def test_interpreter_exit_finishes_work_and_cleans_up(images, engine, label):
+    process = start_script(
+        f"""
+        import time
+        from minipool import ContainerPoolExecutor
+        pool = ContainerPoolExecutor("app1_v0.1", blocks=2, label="{label}")
+        future = pool.submit(time.sleep, 0.5)
+        print("submitted", flush=True)
+        """
+    )
+    code, _, err = finish(process)
+    assert code == 0, err
+    assert not containers_labelled(engine, label)
+
+
+def test_raising_out_of_a_with_block_cleans_up(images, engine, label):
+    process = start_script(
+        f"""
+        from minipool import ContainerPoolExecutor
+        with ContainerPoolExecutor("app1_v0.1", blocks=2, label="{label}") as pool:
+            pool.submit(abs, 1).result()
+            raise SystemExit(3)
+        """
+    )
+    code, _, err = finish(process)
+    assert code == 3, err
+    assert not containers_labelled(engine, label)
+
+
+def test_caller_killed_while_tasks_run_leaves_no_container(images, engine, label):
+    process = start_script(
+        f"""
+        import time
+        from minipool import ContainerPoolExecutor
+        pool = ContainerPoolExecutor("app1_v0.1", blocks=4, label="{label}")
+        futures = [pool.submit(time.sleep, 60) for _ in range(4)]
+        while not all(f.running() for f in futures):
+            time.sleep(0.05)
+        print("running", flush=True)
+        time.sleep(60)
+        """
+    )
+    assert process.stdout.readline() == "running\n", process.stderr.read()
+    assert len(containers_labelled(engine, label)) == 4
+    process.send_signal(signal.SIGKILL)
+    finish(process)
+    wait_until(lambda: not containers_labelled(engine, label), timeout=10, what="containers of a killed caller to go")
+
+
+def test_caller_killed_while_blocks_start_leaves_nothing_once_a_pool_starts(images, engine, label):
+    """A container created but not started when its owner died is swept by the next pool."""
+    process = start_script(
+        f"""
+        import os, signal
+        from minipool import ContainerPoolExecutor
+        pool = ContainerPoolExecutor("app1_v0.1", blocks=4, label="{label}")
+        print("started", flush=True)
+        import time; time.sleep(60)
+        """
+    )
+    assert process.stdout.readline() == "started\n", process.stderr.read()
+    wait_until(lambda: containers_labelled(engine, label), what="a container to be created")
+    process.send_signal(signal.SIGKILL)
+    finish(process)
+    with ContainerPoolExecutor("app1_v0.1", label=label) as pool:
+        assert pool.submit(abs, -1).result(DEADLOCK) == 1
+    wait_until(lambda: not containers_labelled(engine, label), timeout=10, what="containers to go")
+
+
+def test_a_forked_child_does_not_keep_containers_alive(images, engine, label):
+    process = start_script(
+        f"""
+        import multiprocessing, os, signal, time
+        from minipool import ContainerPoolExecutor
+        pool = ContainerPoolExecutor("app1_v0.1", label="{label}")
+        pool.submit(abs, 1).result()
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        print(child.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    child = int(process.stdout.readline())
+    try:
+        process.wait(DEADLOCK)  # not communicate(): the child holds the pipes open
+        wait_until(lambda: not containers_labelled(engine, label), timeout=10, what="containers to go")
+    finally:
+        os.kill(child, signal.SIGKILL)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_vendored_copies_work(images, engine, label, tmp_path):
+    """Copy the two files onto sys.path, or into a package, and use them from there."""
+    for folder in (tmp_path / "flat", tmp_path / "app" / "vendor"):
+        folder.mkdir(parents=True)
+        for name in ("minipool.py", "worker_stub.py"):
+            shutil.copy(os.path.join(ROOT, name), folder / name)
+    (tmp_path / "app" / "__init__.py").write_text("")
+    (tmp_path / "app" / "vendor" / "__init__.py").write_text("")
+    for importer, path in [("import minipool", tmp_path / "flat"), ("from app.vendor import minipool", tmp_path)]:
+        process = start_script(
+            f"""
+            {importer}
+            assert minipool.__file__.startswith({str(tmp_path)!r}), minipool.__file__
+            with minipool.ContainerPoolExecutor("app1_v0.1", label="{label}") as pool:
+                print(pool.submit(lambda x: x * 3, 7).result())
+            """,
+            env_path=(str(path),),
+            cwd=tmp_path,
+        )
+        code, out, err = finish(process)
+        assert (code, out) == (0, "21\n"), err
+
+
+def test_without_cloudpickle_importables_work_and_main_code_says_why_not(images, engine, label):
+    process = start_script(
+        f"""
+        import sys
+        sys.modules["cloudpickle"] = None  # as if it were not installed
+        from minipool import ContainerPoolExecutor
+
+        def from_main():
+            return 1
+
+        with ContainerPoolExecutor("app1_v0.1", label="{label}") as pool:
+            print(pool.submit(pow, 2, 5).result())
+            print(pool.submit(from_main).exception())
+        """
+    )
+    code, out, err = finish(process)
+    assert code == 0, err
+    first, second = out.splitlines()
+    assert first == "32"
+    assert "pip install cloudpickle" in second and "from_main" in second
