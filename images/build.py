@@ -5,7 +5,8 @@ whose ``predict`` function the workers call. The builds need no network: the
 Dockerfiles have no RUN steps and are built with network_mode="none".
 
 The base image is, in order of preference: the one given with ``--base``;
-python:3.11-slim if it is present or can be pulled; otherwise
+python:3.11-slim if it is present; minipool-python:3.11 if it is present;
+python:3.11-slim if it can be pulled (unless ``--offline``); otherwise
 minipool-python:3.11, a minimal Debian bookworm with python3 that this module
 builds with debootstrap from the host's own Debian mirror (needs root and the
 debootstrap package), for machines that reach no image registry.
@@ -101,6 +102,9 @@ def choose_base(client: docker.DockerClient, base: str | None, offline: bool, re
         return _require_base(client, base, offline, log)
     if _image_id(client, DEFAULT_BASE) is not None:
         return DEFAULT_BASE
+    # An offline base built earlier means this machine reaches no registry: no pull.
+    if not rebuild and _image_id(client, OFFLINE_BASE) is not None:
+        return OFFLINE_BASE
     if not offline:
         try:
             _pull(client, DEFAULT_BASE, log)
