@@ -95,3 +95,12 @@ def hostname_after(seconds):
     """The container's hostname (its short id), after a while."""
     time.sleep(seconds)
     return socket.gethostname()
+
+
+def corrupt_channel():
+    """Write garbage on the stub's private protocol descriptor.
+
+    The stub dups fd 0 to 3 and fd 1 to 4 before anything else opens a file.
+    """
+    os.write(4, b"this is no frame header, just garbage")
+    time.sleep(60)

@@ -70,6 +70,7 @@ def test_header_round_trip():
         (b"XX" + stub.pack_header(stub.CALL, 1, 1)[2:], "magic"),
         (stub.HEADER.pack(stub.MAGIC, stub.VERSION + 1, stub.CALL, 1, 1), "version"),
     ],
+    ids=["magic", "version"],
 )
 def test_foreign_header_is_refused(header, complaint):
     with pytest.raises(ValueError, match=complaint):
