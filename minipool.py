@@ -87,15 +87,15 @@ _worker_logger = logging.getLogger(__name__ + ".worker")
 
 # Where the stub and what it needs live inside each container. The root always
 # exists and takes put_archive; parents of the archive's files are created.
-_STUB_HOME = "minipool"
 _STUB_PATH = "/minipool/worker_stub.py"
 _SHIP_DIR = "/minipool/ship"  # the user's `ship=` modules
 _LIB_DIR = "/minipool/lib"  # cloudpickle, copied from the host
 # One task in flight per block: a free block takes the next task, so long tasks
-# spread evenly. (Pipelining several is the performance issue's work.)
+# spread evenly. (Pipelining several is issue 4's work.)
 _TASKS_IN_FLIGHT = 1
-# The host never allocates more for one message than this, whatever a header claims.
-_MAX_MESSAGE = 1 << 34
+# The host never allocates more for one message than this, whatever a header
+# claims: the payload buffer is allocated (and zeroed) before its bytes arrive.
+_MAX_MESSAGE = 1 << 32
 # Lines of a container's stderr kept to explain its death.
 _STDERR_TAIL = 20
 # A stderr line longer than this is logged in pieces instead of buffered whole.
@@ -163,7 +163,7 @@ class _RemoteTraceback(Exception):
         return f'\n"""\n{self.text}"""'
 
 
-# --------------------------------------------------------------------------- wire protocol
+# --------------------------------------------------------------------------- records
 
 
 class _WorkItem:
@@ -173,6 +173,23 @@ class _WorkItem:
         self.future = future
         self.kind = kind
         self.payload = payload
+
+
+class _ChunkSubmitter:
+    """Stands in for the executor inside Executor.map, which only calls submit():
+    map's own logic (timeouts, cancel on close) then drives chunk messages."""
+
+    def __init__(self, submit_chunk: Callable[..., Future]) -> None:
+        self.submit = submit_chunk
+
+
+def _chunks(iterables: Sequence[Iterable], size: int) -> Iterator[list]:
+    arguments = zip(*iterables)
+    while chunk := list(itertools.islice(arguments, size)):
+        yield chunk
+
+
+# --------------------------------------------------------------------------- wire protocol
 
 
 class _ImportablePickler(pickle.Pickler):
@@ -219,30 +236,16 @@ def _remote_exception(payload: bytes | bytearray) -> BaseException:
 
 
 def _settle(future: Future, kind: int, payload: bytearray) -> None:
-    if kind == _stub.RAISED:
-        future.set_exception(_remote_exception(payload))
-        return
+    """Complete the future from a RESULT or RAISED message; never raises."""
     try:
-        result = pickle.loads(payload)
+        if kind == _stub.RAISED:
+            future.set_exception(_remote_exception(payload))
+        else:
+            future.set_result(pickle.loads(payload))
     except Exception as exc:
-        error = MiniPoolError(f"the task's result cannot be unpickled on the host: {exc}")
+        error = MiniPoolError(f"the task's result cannot be unpickled on the host: {exc!r}")
         error.__cause__ = exc
         future.set_exception(error)
-        return
-    future.set_result(result)
-
-
-def _chunks(iterables: Sequence[Iterable], size: int) -> Iterator[list]:
-    arguments = zip(*iterables)
-    while chunk := list(itertools.islice(arguments, size)):
-        yield chunk
-
-
-class _ChunkSubmitter:
-    """Lets Executor.map's own logic (timeouts, cancel on close) drive chunk messages."""
-
-    def __init__(self, submit_chunk: Callable[..., Future]) -> None:
-        self.submit = submit_chunk
 
 
 # --------------------------------------------------------------------------- engine and containers
@@ -254,6 +257,11 @@ def _connect(engine: Any, pool_size: int) -> tuple[docker.DockerClient, bool]:
         if engine is None:
             return docker.from_env(max_pool_size=pool_size), True
         if isinstance(engine, str):
+            if engine.startswith("ssh://"):
+                raise StartupError(
+                    "ssh:// engines are not supported yet: forward the engine's socket "
+                    "(ssh -NL /tmp/engine.sock:/var/run/docker.sock HOST) and pass engine='unix:///tmp/engine.sock'"
+                )
             return docker.DockerClient(base_url=engine, max_pool_size=pool_size), True
     except (docker.errors.DockerException, OSError) as exc:
         where = engine or os.environ.get("DOCKER_HOST", "the default socket")
@@ -285,12 +293,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _sweep_orphans(client: docker.DockerClient) -> None:
-    """Remove containers that dead executors on this host left behind.
+    """Remove containers that dead executors on this host left in Created.
 
-    A caller killed between creating a container and starting it leaves it in
-    Created: StdinOnce and auto_remove only act on a started container.
+    A caller killed between creating a container and starting it leaves it so:
+    StdinOnce and auto_remove only act on a started container.
     """
-    mine = {"label": [f"minipool.host={socket.gethostname()}"]}
+    mine = {"label": [f"minipool.host={socket.gethostname()}"], "status": ["created"]}
     for container in client.api.containers(all=True, filters=mine):
         owner = container["Labels"].get("minipool.pid", "")
         if owner.isdigit() and not _pid_alive(int(owner)):
@@ -324,10 +332,17 @@ def _stub_archive(ship: Sequence[str]) -> bytes:
 
 
 def _raw_socket(attached: Any) -> socket.socket:
-    """The socket under docker-py's attach result. For a unix or plain tcp engine that
-    is a SocketIO wrapping it; it keeps the client's 60 s timeout, which would break a
-    quiet 60 s task, so it is cleared."""
+    """The socket under docker-py's attach result.
+
+    For a unix or plain tcp engine that is a SocketIO wrapping it. Closing the
+    SocketIO drops its reference on the socket: otherwise socket.close() (ours, or
+    the one in a forked child) leaves the descriptor open until a garbage collection
+    breaks docker-py's reference cycles. The socket keeps the client's 60 s timeout,
+    which would break a quiet 60 s task, so it is cleared.
+    """
     sock = getattr(attached, "_sock", attached)
+    if sock is not attached:
+        attached.close()
     sock.settimeout(None)
     return sock
 
@@ -405,7 +420,8 @@ class _ExitWatch:
             self._exits.pop(container_id, None)
 
     def close(self) -> None:
-        self._events.close()
+        with contextlib.suppress(docker.errors.DockerException, OSError):
+            self._events.close()
 
 
 class _AttachStream:
@@ -500,6 +516,8 @@ def _close_sockets_in_child() -> None:
     for sock in list(_attach_sockets):
         with contextlib.suppress(OSError):
             sock.close()
+    for pool in _live_pools:
+        pool.forget_in_child()
     _live_pools.clear()
 
 
@@ -544,6 +562,9 @@ class _Pool:
         self._broken: BaseException | None = None
         self._task_ids = itertools.count(1)
         self._blocks_running = blocks
+        self._pool_id = pool_id
+        # Reader threads run the futures' callbacks: see join().
+        self._readers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._exits = _ExitWatch(client.api, pool_id, label)
         _live_pools.add(self)
         self._threads = [
@@ -580,9 +601,22 @@ class _Pool:
             item.future.cancel()
 
     def join(self) -> None:
+        """Wait until every block has stopped and its container is removed.
+
+        From a done callback (run by one of our own threads) it returns at once:
+        that thread cannot wait for itself; the pool still stops in the background.
+        """
+        me = threading.current_thread()
+        if me in self._threads or me in self._readers:
+            return
         for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join()
+            thread.join()
+
+    def forget_in_child(self) -> None:
+        """In a forked child: the parent's threads are not here, so take no work.
+        The lock may have been held by one of them at the fork: replace it."""
+        self._changed = threading.Condition()
+        self._broken = BrokenContainerPool("this pool belongs to the process this one was forked from")
 
     # -- state
 
@@ -606,33 +640,50 @@ class _Pool:
             self._blocks_running -= 1
             last = self._blocks_running == 0
         if last:
+            self._remove_leftovers()
             self._exits.close()
             if self._owns_client:
                 self._client.close()
             _live_pools.discard(self)
             _logger.debug("pool %s: every block has stopped", self._label)
 
+    def _remove_leftovers(self) -> None:
+        """The last word on leaks: remove any container of this pool still there
+        (say, one the engine created after a create call had timed out)."""
+        api = self._client.api
+        try:
+            for container in api.containers(all=True, filters={"label": f"minipool.executor={self._pool_id}"}):
+                _logger.warning("pool %s: removing leftover container %s", self._label, container["Id"][:12])
+                _remove_container(api, container["Id"])
+        except (docker.errors.DockerException, OSError) as exc:
+            _logger.warning("pool %s: could not check for leftover containers: %s", self._label, exc)
+
     # -- block threads
 
     def _run_block(self, index: int, blocks: int) -> None:
-        """Keep one container running and fed until the pool closes."""
+        """Keep one container running and fed until the pool closes; replace it when lost."""
         try:
             while True:
                 with self._changed:
                     if self._closing():
                         return
                 started = time.monotonic()
-                try:
-                    container = self._start_container()
-                except StartupError as exc:
-                    self._break(exc)
-                    return
+                container = self._start_container()
                 _logger.info(
                     "pool %s: block %d/%d ready in container %s (%.2f s)",
                     self._label, index + 1, blocks, container.short_id, time.monotonic() - started,
                 )
-                self._feed(container)
-                self._stop_container(container)
+                try:
+                    self._feed(container)
+                finally:
+                    self._stop_container(container)
+        except StartupError as exc:
+            self._break(exc)
+        except Exception as exc:
+            _logger.exception("pool %s: block %d failed", self._label, index + 1)
+            error = BrokenContainerPool(f"a block of pool {self._label} failed: {exc!r}")
+            error.__cause__ = exc
+            self._break(error)
         finally:
             self._block_finished()
 
@@ -649,7 +700,7 @@ class _Pool:
         except (docker.errors.DockerException, OSError) as exc:
             raise self._startup_error(exc, None) from exc
         _logger.debug("pool %s: created container %s", self._label, container_id[:12])
-        container = None
+        sock = container = None
         try:
             attach = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
             sock = _raw_socket(api.attach_socket(container_id, params=attach))
@@ -657,20 +708,20 @@ class _Pool:
             container = _Container(container_id, sock)
             api.put_archive(container_id, "/", self._archive)
             api.start(container_id)
-            ready = container.handshake(self._hello, deadline)
+            self._check_ready(container.handshake(self._hello, deadline))
         except BaseException as exc:
-            if container is not None:
-                container.sock.close()
+            if sock is not None:
+                sock.close()
             with contextlib.suppress(docker.errors.DockerException, OSError):
                 _remove_container(api, container_id)
-            if not isinstance(exc, Exception):
+            if isinstance(exc, StartupError) or not isinstance(exc, Exception):
                 raise
             raise self._startup_error(exc, container) from exc
-        self._check_ready(ready)
         container.reader = threading.Thread(
             target=self._read_results, args=(container,), name=f"minipool-{self._label}-reader-{container.short_id}",
             daemon=True,
         )
+        self._readers.add(container.reader)
         container.reader.start()
         return container
 
@@ -683,13 +734,15 @@ class _Pool:
             if "executable file not found" in str(exc.explanation) or "no such file" in str(exc.explanation):
                 hint = f". {not_found}"
             return StartupError(f"{what}: the engine said: {exc.explanation}{hint}")
-        if isinstance(exc, (docker.errors.DockerException, OSError)) and not isinstance(exc, TimeoutError):
+        # socket.timeout is TimeoutError only from Python 3.10 on.
+        timed_out = isinstance(exc, (TimeoutError, socket.timeout))
+        if isinstance(exc, (docker.errors.DockerException, OSError)) and not timed_out:
             return StartupError(f"{what}: {exc}")
         if container is None:
             return StartupError(f"{what}: {exc}")
         container.end_log()
         stderr = "\n".join(container.stderr_tail) or "(nothing)"
-        if isinstance(exc, TimeoutError):
+        if timed_out:
             return StartupError(
                 f"{what}: the worker did not answer within startup_timeout={self._startup_timeout} s; "
                 f"its stderr:\n{stderr}"
@@ -743,9 +796,13 @@ class _Pool:
                 self._changed.wait()
 
     def _stop_container(self, container: _Container) -> None:
-        """Close the stub's stdin so it exits, and wait until the container is removed."""
+        """Tell the stub to exit, and wait until the container is removed.
+
+        A STOP message rather than closing our side of the socket: half-closing a
+        TLS socket drops its TLS state while the reader still reads.
+        """
         with contextlib.suppress(OSError):
-            container.sock.shutdown(socket.SHUT_WR)
+            container.send(_stub.STOP, 0, b"")
         assert container.reader is not None
         container.reader.join(_EXIT_GRACE)
         try:
@@ -763,30 +820,37 @@ class _Pool:
         """Settle futures as results arrive; when the stream ends, fail what was in flight."""
         error: MiniPoolError | None = None
         try:
-            while True:
-                kind, task_id, payload = container.receive(_MAX_MESSAGE)
-                with self._changed:
-                    future = container.in_flight.pop(task_id, None)
-                    self._changed.notify_all()
-                if future is None or kind not in (_stub.RESULT, _stub.RAISED):
-                    raise ValueError(f"message kind {kind} for task {task_id}, which is not running there")
-                _settle(future, kind, payload)
+            self._settle_results(container)
         except (EOFError, OSError):
-            pass
-        except ValueError as exc:
+            container.end_log()
+        except Exception as exc:
             error = ProtocolError(f"container {container.short_id}: {exc}")
             _logger.error("pool %s: %s", self._label, error)
-        container.end_log()
-        with self._changed:
-            container.lost = True
-            orphans = list(container.in_flight.values())
-            container.in_flight.clear()
-            self._changed.notify_all()
-        _logger.debug("pool %s: stream of container %s ended", self._label, container.short_id)
-        if orphans:
-            error = error or self._worker_lost(container)
-            for future in orphans:
-                future.set_exception(error)
+        finally:
+            # Whatever ended the stream, the block thread must learn it and no future may hang.
+            with self._changed:
+                container.lost = True
+                orphans = list(container.in_flight.values())
+                container.in_flight.clear()
+                self._changed.notify_all()
+            _logger.debug("pool %s: stream of container %s ended", self._label, container.short_id)
+            if orphans:
+                error = error or self._worker_lost(container)
+                for future in orphans:
+                    future.set_exception(error)
+
+    def _settle_results(self, container: _Container) -> None:
+        """Settle each future as its result arrives, until the stream ends."""
+        while True:
+            kind, task_id, payload = container.receive(_MAX_MESSAGE)
+            if kind not in (_stub.RESULT, _stub.RAISED):
+                raise ValueError(f"unexpected message kind {kind} for task {task_id}")
+            with self._changed:
+                future = container.in_flight.pop(task_id, None)
+                self._changed.notify_all()
+            if future is None:
+                raise ValueError(f"a result for task {task_id}, which is not running there")
+            _settle(future, kind, payload)
 
     def _worker_lost(self, container: _Container) -> WorkerLost:
         exit_code, oom_killed = self._exits.exit_of(container.id)
@@ -833,8 +897,8 @@ class ContainerPoolExecutor(Executor):
 
     image: the image to run; it needs a Python 3 interpreter (>= 3.8).
     blocks: how many containers; each runs one task at a time.
-    engine: a docker.DockerClient, an engine URL ("unix://...", "tcp://...",
-        "ssh://..."), or None for docker.from_env().
+    engine: a docker.DockerClient, an engine URL ("unix://...", "tcp://..."), or
+        None for docker.from_env().
     python: the interpreter's name or path inside the image.
     workdir: the stub's working directory (default: the image's WorkingDir); it is
         on the stub's sys.path, so modules there are importable.
@@ -884,11 +948,11 @@ class ContainerPoolExecutor(Executor):
             self._pool = _Pool(
                 client, owns_client, image, options, shipped, blocks, self._label, pool_id, startup_timeout
             )
-        except (docker.errors.DockerException, OSError) as exc:
-            client.close() if owns_client else None
-            raise StartupError(f"cannot start a pool on the engine at {client.api.base_url}: {exc}") from exc
-        except BaseException:
-            client.close() if owns_client else None
+        except BaseException as exc:
+            if owns_client:
+                client.close()
+            if isinstance(exc, (docker.errors.DockerException, OSError)):
+                raise StartupError(f"cannot start a pool on the engine at {client.api.base_url}: {exc}") from exc
             raise
         # A forgotten executor shuts its pool down when collected; exit is _python_exit's.
         weakref.finalize(self, self._pool.shutdown).atexit = False

@@ -42,6 +42,7 @@ PICKLE_PROTOCOL = 5
 HELLO = 1  # JSON: {"python": [major, minor], "path": [dirs for sys.path], "cloudpickle": bool}
 CALL = 2  # pickle of (fn, args, kwargs)
 CHUNK = 3  # pickle of (fn, [args, ...]): one message for a chunk of map()
+STOP = 7  # empty: exit now (the pool is done with this container)
 # Stub to host:
 READY = 4  # JSON: {"python": [major, minor, micro], "pickle_protocol": n, "pid": n}
 RESULT = 5  # pickle of the return value (a list for CHUNK)
@@ -137,7 +138,11 @@ def describe_exception(exc, dumps):
     except BaseException:
         pickled = None
     name = "%s.%s" % (type(exc).__module__, type(exc).__qualname__)
-    return pickle.dumps((name, str(exc), text, pickled), protocol=PICKLE_PROTOCOL)
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<str() of the exception failed>"
+    return pickle.dumps((name, message, text, pickled), protocol=PICKLE_PROTOCOL)
 
 
 def run_task(kind, payload, dumps, hint):
@@ -166,10 +171,14 @@ def run_task(kind, payload, dumps, hint):
 
 
 def read_tasks(readinto, tasks):
-    """Queue every task; when the host goes away (stdin closed), end the container now."""
+    """Queue every task; on STOP, or when the host goes away (stdin closed), end the
+    container now."""
     try:
         while True:
-            tasks.put(read_message(readinto, sys.maxsize))
+            message = read_message(readinto, sys.maxsize)
+            if message[0] == STOP:
+                break
+            tasks.put(message)
     except EOFError:
         pass
     except BaseException:

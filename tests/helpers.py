@@ -35,6 +35,20 @@ def raise_value_error(message):
     raise ValueError(message)
 
 
+class UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+def raise_unprintable():
+    raise UnprintableError()
+
+
+def instance_from_module(name):
+    """Return an instance of a class from a module that exists only in the container."""
+    return importlib.import_module(name).Private()
+
+
 def raise_from_module(name):
     """Raise the exception of a module that exists only in the container."""
     importlib.import_module(name).fail()

@@ -4,6 +4,7 @@ import gc
 import os
 import shutil
 import signal
+import threading
 import time
 
 import helpers
@@ -39,6 +40,19 @@ def test_shutdown_without_wait_returns_at_once_and_cleans_up(make_pool, engine, 
     pool.shutdown(wait=False)
     assert time.monotonic() - started < 0.5
     assert future.result(DEADLOCK) == "done"
+    wait_until(lambda: not containers_labelled(engine, label), timeout=15, what="containers to go")
+
+
+def test_shutdown_from_a_done_callback_does_not_wait_for_itself(make_pool, engine, label):
+    pool = make_pool()
+    returned = threading.Event()
+
+    def stop(future):
+        pool.shutdown(wait=True)
+        returned.set()
+
+    pool.submit(helpers.double, 1).add_done_callback(stop)
+    assert returned.wait(5), "shutdown(wait=True) in a callback waited for its own thread"
     wait_until(lambda: not containers_labelled(engine, label), timeout=15, what="containers to go")
 
 
@@ -122,8 +136,9 @@ def test_caller_killed_while_blocks_start_leaves_nothing_once_a_pool_starts(imag
 def test_a_forked_child_does_not_keep_containers_alive(images, engine, label):
     process = start_script(
         f"""
-        import multiprocessing, os, signal, time
+        import gc, multiprocessing, os, signal, time
         from minipool import ContainerPoolExecutor
+        gc.disable()  # no collection may close docker-py's reference cycles for us
         pool = ContainerPoolExecutor("app1_v0.1", label="{label}")
         pool.submit(abs, 1).result()
         child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))

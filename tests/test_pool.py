@@ -20,6 +20,7 @@ from conftest import start_script
 from conftest import wait_until
 from minipool import BrokenContainerPool
 from minipool import ContainerPoolExecutor
+from minipool import MiniPoolError
 from minipool import ProtocolError
 from minipool import RemoteError
 from minipool import StartupError
@@ -117,6 +118,20 @@ def test_exception_class_the_host_cannot_load_is_a_remote_error(make_pool, tmp_p
     assert info.value.type_name == "only_in_container.Private"
     assert info.value.message == "from inside"
     assert "def fail" in info.value.traceback or "fail()" in info.value.traceback
+
+
+def test_result_the_host_cannot_unpickle_fails_only_that_future(make_pool, tmp_path):
+    module = tmp_path / "only_in_container.py"
+    module.write_text("class Private:\n    pass\n")
+    pool = make_pool(ship=[HELPERS, str(module)])
+    with pytest.raises(MiniPoolError, match="cannot be unpickled on the host"):
+        pool.submit(helpers.instance_from_module, "only_in_container").result(DEADLOCK)
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
+def test_an_exception_that_cannot_print_itself_still_travels(make_pool):
+    with pytest.raises(helpers.UnprintableError):
+        make_pool().submit(helpers.raise_unprintable).result(DEADLOCK)
 
 
 def test_unpicklable_argument_fails_only_that_future(make_pool):
