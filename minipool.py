@@ -85,11 +85,6 @@ __version__ = "0.1.0"
 _logger = logging.getLogger(__name__)
 _worker_logger = logging.getLogger(__name__ + ".worker")
 
-# Where the stub and what it needs live inside each container. The root always
-# exists and takes put_archive; parents of the archive's files are created.
-_STUB_PATH = "/minipool/worker_stub.py"
-_SHIP_DIR = "/minipool/ship"  # the user's `ship=` modules
-_LIB_DIR = "/minipool/lib"  # cloudpickle, copied from the host
 # One task in flight per block: a free block takes the next task, so long tasks
 # spread evenly. (Pipelining several is issue 4's work.)
 _TASKS_IN_FLIGHT = 1
@@ -318,16 +313,14 @@ def _tar_entry(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
 
 
 def _stub_archive(ship: Sequence[str]) -> bytes:
-    """The tar put into every container: the stub, cloudpickle, the shipped code."""
+    """The BOOT tar sent to every container: the stub, cloudpickle, the shipped code."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        tar.add(_stub.__file__, arcname=_STUB_PATH.lstrip("/"), filter=_tar_entry)
+        tar.add(_stub.__file__, arcname="worker_stub.py", filter=_tar_entry)
         if cloudpickle is not None:
-            package = os.path.dirname(cloudpickle.__file__)
-            tar.add(package, arcname=_LIB_DIR.lstrip("/") + "/cloudpickle", filter=_tar_entry)
+            tar.add(os.path.dirname(cloudpickle.__file__), arcname="lib/cloudpickle", filter=_tar_entry)
         for path in ship:
-            name = os.path.basename(os.path.normpath(path))
-            tar.add(path, arcname=f"{_SHIP_DIR.lstrip('/')}/{name}", filter=_tar_entry)
+            tar.add(path, arcname=f"ship/{os.path.basename(os.path.normpath(path))}", filter=_tar_entry)
     return buffer.getvalue()
 
 
@@ -495,9 +488,10 @@ class _Container:
     def receive(self, max_size: int) -> tuple[int, int, bytearray]:
         return _stub.read_message(self.stream.readinto, max_size)
 
-    def handshake(self, hello: dict, deadline: float) -> dict:
-        """Send HELLO, return the stub's READY; the stub says nothing before it."""
+    def handshake(self, archive: bytes, hello: dict, deadline: float) -> dict:
+        """Send the stub (BOOT) and HELLO, return the stub's READY; it says nothing before."""
         self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        self.send(_stub.BOOT, 0, archive)
         self.send(_stub.HELLO, 0, json.dumps(hello).encode())
         kind, _, payload = self.receive(1 << 20)
         self.sock.settimeout(None)
@@ -548,11 +542,7 @@ class _Pool:
         self._image = image
         self._create_options = create_options
         self._archive = _stub_archive(ship)
-        self._hello = {
-            "python": list(sys.version_info[:2]),
-            "path": [_SHIP_DIR, _LIB_DIR],
-            "cloudpickle": cloudpickle is not None,
-        }
+        self._hello = {"python": list(sys.version_info[:2]), "cloudpickle": cloudpickle is not None}
         self._label = label
         self._startup_timeout = startup_timeout
         # _changed guards everything below and wakes every thread waiting on it.
@@ -688,7 +678,7 @@ class _Pool:
             self._block_finished()
 
     def _start_container(self) -> _Container:
-        """Create, attach, copy the stub in, start, handshake; StartupError otherwise.
+        """Create, attach, start, send the stub, handshake; StartupError otherwise.
 
         Attach comes before start and the stub says nothing before HELLO: bytes that
         arrive with the attach's HTTP answer can be lost in docker-py's reader.
@@ -706,9 +696,8 @@ class _Pool:
             sock = _raw_socket(api.attach_socket(container_id, params=attach))
             _attach_sockets.add(sock)
             container = _Container(container_id, sock)
-            api.put_archive(container_id, "/", self._archive)
             api.start(container_id)
-            self._check_ready(container.handshake(self._hello, deadline))
+            self._check_ready(container.handshake(self._archive, self._hello, deadline))
         except BaseException as exc:
             if sock is not None:
                 sock.close()
@@ -997,7 +986,7 @@ class ContainerPoolExecutor(Executor):
         }
         # stdin_open without detach makes docker-py set StdinOnce: the engine closes
         # the stub's stdin when our attach connection drops, even if we are killed.
-        options.update(image=image, command=[python, _STUB_PATH], stdin_open=True, tty=False, detach=False)
+        options.update(image=image, command=[python, "-c", _stub.BOOTSTRAP], stdin_open=True, tty=False, detach=False)
         return options
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:

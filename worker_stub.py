@@ -1,9 +1,12 @@
 """minipool's worker: the program that runs inside every container of a pool.
 
-The host copies this file into the container and starts it as the container's
-command. It speaks minipool's wire protocol on its own stdin/stdout, which the
-engine's attach connection ties to the host:
+The container's command is `python3 -c BOOTSTRAP`: the host sends this file,
+cloudpickle and the user's shipped code as a tar over stdin (BOOT), the bootstrap
+unpacks it into a new temporary directory and runs this file from there. It then
+speaks minipool's wire protocol on its own stdin/stdout, which the engine's
+attach connection ties to the host:
 
+    host ── BOOT ──►   bootstrap       (a tar: this file, lib/cloudpickle, ship/...)
     host ── HELLO ──►  stub            (the host speaks first)
     host ◄── READY ──  stub            (Python version, pickle protocol, pid)
     host ── CALL/CHUNK(task id) ──►    stub runs fn(*args, **kwargs) in its main thread
@@ -39,7 +42,8 @@ HEADER = struct.Struct(">HBBQQ")
 PICKLE_PROTOCOL = 5
 
 # Message kinds. Host to stub:
-HELLO = 1  # JSON: {"python": [major, minor], "path": [dirs for sys.path], "cloudpickle": bool}
+BOOT = 8  # tar of worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules)
+HELLO = 1  # JSON: {"python": [major, minor], "cloudpickle": bool}
 CALL = 2  # pickle of (fn, args, kwargs)
 CHUNK = 3  # pickle of (fn, [args, ...]): one message for a chunk of map()
 STOP = 7  # empty: exit now (the pool is done with this container)
@@ -47,6 +51,31 @@ STOP = 7  # empty: exit now (the pool is done with this container)
 READY = 4  # JSON: {"python": [major, minor, micro], "pickle_protocol": n, "pid": n}
 RESULT = 5  # pickle of the return value (a list for CHUNK)
 RAISED = 6  # pickle of (type name, message, traceback text, pickled exception or None)
+
+
+# The container's command: `python3 -c BOOTSTRAP`. The stub arrives over stdin
+# rather than by the engine's put_archive, which a read-only root filesystem
+# refuses; the bootstrap writes only to a new temporary directory.
+BOOTSTRAP = """
+import io, os, struct, sys, tarfile, tempfile
+def read(size):
+    data = bytearray(size)
+    view = memoryview(data)
+    while view:
+        count = os.readv(0, [view])
+        if not count:
+            sys.exit("minipool bootstrap: stdin closed before the worker arrived")
+        view = view[count:]
+    return data
+magic, version, kind, _, size = struct.unpack(%r, read(%d))
+if (magic, version, kind) != (%d, %d, %d):
+    sys.exit("minipool bootstrap: expected the worker archive, got %%r" %% ((magic, version, kind),))
+home = tempfile.mkdtemp(prefix="minipool-")
+safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+tarfile.open(fileobj=io.BytesIO(read(size))).extractall(home, **safe)
+import runpy
+runpy.run_path(os.path.join(home, "worker_stub.py"), run_name="__main__")
+""" % (HEADER.format, HEADER.size, MAGIC, VERSION, BOOT)
 
 
 # --------------------------------------------------------------------------- wire protocol
@@ -218,7 +247,8 @@ def main():
     hello = handshake(readinto, writev)
     # The shipped code and cloudpickle first, then the working directory, where the
     # seed's `import app1` finds /home/app1.py. They replace the stub's own folder.
-    sys.path[0:1] = hello["path"] + [os.getcwd()]
+    home = os.path.dirname(os.path.abspath(__file__))
+    sys.path[0:1] = [os.path.join(home, "ship"), os.path.join(home, "lib"), os.getcwd()]
     dumps = serializer(hello["cloudpickle"])
     hint = version_hint(hello["python"])
     tasks = queue.SimpleQueue()  # type: queue.SimpleQueue[tuple]

@@ -21,11 +21,12 @@ class Stub:
     """worker_stub.py in a subprocess, spoken to as the host would."""
 
     def __init__(self, hello=None):
+        env = {**os.environ, "PYTHONPATH": TESTS}
         self.process = subprocess.Popen(
-            [sys.executable, STUB], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [sys.executable, STUB], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
         self.writev = lambda views: self.process.stdin.write(b"".join(views))
-        hello = hello or {"python": list(sys.version_info[:2]), "path": [TESTS], "cloudpickle": True}
+        hello = hello or {"python": list(sys.version_info[:2]), "cloudpickle": True}
         self.send(stub.HELLO, 0, json.dumps(hello).encode())
         kind, _, payload = self.receive()
         assert kind == stub.READY
@@ -114,6 +115,37 @@ def _reader(data):
     return readinto
 
 
+def test_bootstrap_unpacks_the_worker_into_a_temporary_directory():
+    """`python -c BOOTSTRAP`, as in a container: the stub arrives over stdin."""
+    import minipool
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", stub.BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    writev = lambda views: process.stdin.write(b"".join(views))  # noqa: E731
+    stub.write_message(writev, stub.BOOT, 0, minipool._stub_archive([os.path.join(TESTS, "helpers.py")]))
+    stub.write_message(writev, stub.HELLO, 0, json.dumps({"python": [3, 0], "cloudpickle": True}).encode())
+    stub.write_message(writev, stub.CALL, 1, pickle.dumps((helpers.where, (), {})))
+    process.stdin.flush()
+    assert stub.read_message(process.stdout.readinto, 1 << 20)[0] == stub.READY
+    kind, _, payload = stub.read_message(process.stdout.readinto, 1 << 20)
+    cwd, path = pickle.loads(payload)
+    assert kind == stub.RESULT and cwd == os.getcwd()
+    assert path[0].endswith("/ship") and path[1].endswith("/lib") and "minipool-" in path[0]
+    process.stdin.close()
+    assert process.wait(10) == 0
+    process.stdout.close()
+    process.stderr.close()
+
+
+def test_bootstrap_refuses_anything_but_the_archive():
+    process = subprocess.run(
+        [sys.executable, "-c", stub.BOOTSTRAP], input=stub.pack_header(stub.HELLO, 0, 0), capture_output=True
+    )
+    assert process.returncode == 1
+    assert b"expected the worker archive" in process.stderr
+
+
 def test_handshake_reports_python_and_pickle(worker):
     assert worker.ready["python"][:2] == list(sys.version_info[:2])
     assert worker.ready["pickle_protocol"] >= stub.PICKLE_PROTOCOL
@@ -170,7 +202,7 @@ def test_garbage_ends_the_stub_with_a_message(worker):
 
 def test_version_mismatch_is_named_when_unpickling_fails():
     other = [sys.version_info[0], sys.version_info[1] + 1]
-    worker = Stub({"python": other, "path": [], "cloudpickle": False})
+    worker = Stub({"python": other, "cloudpickle": False})
     try:
         worker.send(stub.CALL, 1, b"not a pickle")
         _, message, _, _ = pickle.loads(worker.receive()[2])
