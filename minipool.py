@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import importlib
 import io
 import itertools
@@ -88,13 +89,19 @@ _worker_logger = logging.getLogger(__name__ + ".worker")
 # One task in flight per block: a free block takes the next task, so long tasks
 # spread evenly. (Pipelining several is issue 4's work.)
 _TASKS_IN_FLIGHT = 1
-# The host never allocates more for one message than this, whatever a header
-# claims: the payload buffer is allocated (and zeroed) before its bytes arrive.
+# Default cap on one message (max_message_size): the host never allocates more
+# than this whatever a header claims, as the payload buffer is allocated (and
+# zeroed) before its bytes arrive.
 _MAX_MESSAGE = 1 << 32
 # Lines of a container's stderr kept to explain its death.
 _STDERR_TAIL = 20
 # A stderr line longer than this is logged in pieces instead of buffered whole.
 _MAX_LOG_LINE = 1 << 16
+# Bytes of output one task may log; past it, lines are dropped (and counted) so a
+# task printing without end cannot flood the host's logs.
+_LOG_BUDGET = 1 << 20
+# A fork bomb in a task stops here; tasks that need more processes raise it.
+_PIDS_LIMIT = 4096
 # How long a lost container's exit code may take to arrive on the event stream.
 _EXIT_EVENT_WAIT = 5.0
 # How long a stub may take to exit after its stdin closed before it is killed.
@@ -121,16 +128,34 @@ class StartupError(BrokenContainerPool):
 
 
 class WorkerLost(MiniPoolError):
-    """The container running the task died. The pool replaces it and goes on."""
+    """The container running the task died. The pool replaces it and goes on.
+
+    With retries, `attempts` holds the WorkerLost of every earlier attempt.
+    """
 
     def __init__(
-        self, message: str, container_id: str, exit_code: int | None, oom_killed: bool, stderr_tail: Sequence[str]
+        self,
+        message: str,
+        container_id: str,
+        exit_code: int | None,
+        oom_killed: bool,
+        stderr_tail: Sequence[str],
+        attempts: Sequence[WorkerLost] = (),
     ) -> None:
         super().__init__(message)
         self.container_id = container_id
         self.exit_code = exit_code
         self.oom_killed = oom_killed
         self.stderr_tail = list(stderr_tail)
+        self.attempts = list(attempts)
+
+    def after(self, attempts: Sequence[WorkerLost]) -> WorkerLost:
+        """This loss as the last of several attempts, each of which is listed."""
+        if not attempts:
+            return self
+        history = "\n".join(f"  attempt {n}: {lost.args[0].splitlines()[0]}" for n, lost in enumerate(attempts, 1))
+        message = f"{self.args[0]}\nThe task was lost {len(attempts) + 1} times; earlier attempts:\n{history}"
+        return WorkerLost(message, self.container_id, self.exit_code, self.oom_killed, self.stderr_tail, attempts)
 
 
 class RemoteError(MiniPoolError):
@@ -162,12 +187,33 @@ class _RemoteTraceback(Exception):
 
 
 class _WorkItem:
-    __slots__ = ("future", "kind", "payload")
+    __slots__ = ("attempts", "deadline", "future", "kind", "payload")
 
     def __init__(self, future: Future, kind: int, payload: bytes) -> None:
         self.future = future
         self.kind = kind
         self.payload = payload
+        self.deadline: float | None = None  # when task_timeout runs out, once sent
+        self.attempts: list[WorkerLost] = []  # earlier containers lost while running it
+
+    def overdue(self, now: float) -> bool:
+        return self.deadline is not None and self.deadline <= now
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """What every block of a pool needs to start and run its containers."""
+
+    image: str
+    label: str
+    pool_id: str
+    create_options: dict
+    archive: bytes
+    startup_timeout: float
+    task_timeout: float | None
+    retries: int
+    max_tasks_per_block: int | None
+    max_message_size: int
 
 
 class _ChunkSubmitter:
@@ -208,13 +254,15 @@ def _dumps_importable(obj: Any, protocol: int) -> bytes:
 _dumps: Callable[..., bytes] = cloudpickle.dumps if cloudpickle is not None else _dumps_importable
 
 
-def _pickle_call(call: tuple) -> bytes:
-    fn = call[0]
+def _pickle_call(call: tuple, max_size: int) -> bytes:
+    name = getattr(call[0], "__qualname__", type(call[0]).__qualname__)
     try:
-        return _dumps(call, protocol=_stub.PICKLE_PROTOCOL)
+        payload = _dumps(call, protocol=_stub.PICKLE_PROTOCOL)
     except Exception as exc:
-        name = getattr(fn, "__qualname__", type(fn).__qualname__)
         raise TypeError(f"cannot send the call to {name} to a container: {exc}") from exc
+    if len(payload) > max_size:
+        raise ValueError(f"the call to {name} pickles to {len(payload)} bytes, over max_message_size={max_size}")
+    return payload
 
 
 def _remote_exception(payload: bytes | bytearray) -> BaseException:
@@ -461,8 +509,12 @@ class _Container:
         self.writev = _writev(sock)
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
         self._partial_line = b""
+        self._log_left = _LOG_BUDGET
+        self._log_dropped = 0
         # Owned by the pool's lock:
-        self.in_flight: dict[int, Future] = {}
+        self.in_flight: dict[int, _WorkItem] = {}
+        self.sent = 0  # tasks sent, for max_tasks_per_block
+        self.expired: dict[int, _WorkItem] = {}  # tasks that ran past task_timeout
         self.lost = False
         self.reader: threading.Thread | None = None
 
@@ -475,7 +527,27 @@ class _Container:
         for raw in lines:
             line = raw.decode("utf-8", "replace").rstrip("\r")
             self.stderr_tail.append(line)
-            _worker_logger.info("%s: %s", self.short_id, line, extra={"container": self.short_id})
+            self._log_left -= len(raw)
+            if self._log_left >= 0:
+                _worker_logger.info("%s: %s", self.short_id, line, extra={"container": self.short_id})
+            elif not self._log_dropped:
+                self._log_dropped = len(raw)
+                _worker_logger.warning(
+                    "%s: output truncated: the task wrote more than %d bytes; dropping the rest",
+                    self.short_id, _LOG_BUDGET, extra={"container": self.short_id},
+                )
+            else:
+                self._log_dropped += len(raw)
+
+    def task_done(self) -> None:
+        """A new task gets a new log budget; say how much the last one lost."""
+        if self._log_dropped:
+            _worker_logger.warning(
+                "%s: %d bytes of the task's output were not logged",
+                self.short_id, self._log_dropped, extra={"container": self.short_id},
+            )
+        self._log_left = _LOG_BUDGET
+        self._log_dropped = 0
 
     def end_log(self) -> None:
         """Log a last line the container left without its newline."""
@@ -487,6 +559,12 @@ class _Container:
 
     def receive(self, max_size: int) -> tuple[int, int, bytearray]:
         return _stub.read_message(self.stream.readinto, max_size)
+
+    def expire(self, now: float) -> bool:
+        """Take the tasks past their deadline out of flight; True if there were any."""
+        overdue = [task_id for task_id, item in self.in_flight.items() if item.overdue(now)]
+        self.expired = {task_id: self.in_flight.pop(task_id) for task_id in overdue}
+        return bool(self.expired)
 
     def handshake(self, archive: bytes, hello: dict, deadline: float) -> dict:
         """Send the stub (BOOT) and HELLO, return the stub's READY; it says nothing before."""
@@ -525,26 +603,16 @@ class _Pool:
     forgotten executor is collected and its finalizer shuts the pool down.
     """
 
-    def __init__(
-        self,
-        client: docker.DockerClient,
-        owns_client: bool,
-        image: str,
-        create_options: dict,
-        ship: Sequence[str],
-        blocks: int,
-        label: str,
-        pool_id: str,
-        startup_timeout: float,
-    ) -> None:
+    def __init__(self, client: docker.DockerClient, owns_client: bool, settings: _Settings, blocks: int) -> None:
         self._client = client
         self._owns_client = owns_client
-        self._image = image
-        self._create_options = create_options
-        self._archive = _stub_archive(ship)
-        self._hello = {"python": list(sys.version_info[:2]), "cloudpickle": cloudpickle is not None}
-        self._label = label
-        self._startup_timeout = startup_timeout
+        self._settings = settings
+        self._label = settings.label
+        self._hello = {
+            "python": list(sys.version_info[:2]),
+            "cloudpickle": cloudpickle is not None,
+            "max_message_size": settings.max_message_size,
+        }
         # _changed guards everything below and wakes every thread waiting on it.
         self._changed = threading.Condition()
         self._pending: collections.deque[_WorkItem] = collections.deque()
@@ -552,13 +620,15 @@ class _Pool:
         self._broken: BaseException | None = None
         self._task_ids = itertools.count(1)
         self._blocks_running = blocks
-        self._pool_id = pool_id
+        self._containers: set[_Container] = set()
         # Reader threads run the futures' callbacks: see join().
         self._readers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        self._exits = _ExitWatch(client.api, pool_id, label)
+        self._exits = _ExitWatch(client.api, settings.pool_id, settings.label)
         _live_pools.add(self)
         self._threads = [
-            threading.Thread(target=self._run_block, args=(index, blocks), name=f"minipool-{label}-block-{index}")
+            threading.Thread(
+                target=self._run_block, args=(index, blocks), name=f"minipool-{settings.label}-block-{index}"
+            )
             for index in range(blocks)
         ]
         for thread in self._threads:
@@ -589,6 +659,21 @@ class _Pool:
             self._changed.notify_all()
         for item in cancelled:
             item.future.cancel()
+
+    def stop_containers(self, how: signal.Signals) -> None:
+        """terminate_workers() and kill_workers(): cancel queued work, signal every
+        container now; the tasks they ran fail with BrokenContainerPool."""
+        error = BrokenContainerPool(
+            f"the pool's containers were stopped with {how.name} by "
+            f"{'kill_workers' if how == signal.SIGKILL else 'terminate_workers'}()"
+        )
+        with self._changed:
+            self._broken = self._broken or error
+            containers = list(self._containers)
+        self.shutdown(cancel_futures=True)
+        for container in containers:
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                self._client.api.kill(container.id, signal=how.name)
 
     def join(self) -> None:
         """Wait until every block has stopped and its container is removed.
@@ -622,7 +707,7 @@ class _Pool:
             self._pending.clear()
             self._changed.notify_all()
         for item in waiting:
-            if item.future.set_running_or_notify_cancel():
+            if item.attempts or item.future.set_running_or_notify_cancel():
                 item.future.set_exception(error)
 
     def _block_finished(self) -> None:
@@ -642,7 +727,8 @@ class _Pool:
         (say, one the engine created after a create call had timed out)."""
         api = self._client.api
         try:
-            for container in api.containers(all=True, filters={"label": f"minipool.executor={self._pool_id}"}):
+            mine = {"label": f"minipool.executor={self._settings.pool_id}"}
+            for container in api.containers(all=True, filters=mine):
                 _logger.warning("pool %s: removing leftover container %s", self._label, container["Id"][:12])
                 _remove_container(api, container["Id"])
         except (docker.errors.DockerException, OSError) as exc:
@@ -651,7 +737,8 @@ class _Pool:
     # -- block threads
 
     def _run_block(self, index: int, blocks: int) -> None:
-        """Keep one container running and fed until the pool closes; replace it when lost."""
+        """Keep one container running and fed until the pool closes; replace it when
+        lost, timed out or worn out (max_tasks_per_block)."""
         try:
             while True:
                 with self._changed:
@@ -683,10 +770,10 @@ class _Pool:
         Attach comes before start and the stub says nothing before HELLO: bytes that
         arrive with the attach's HTTP answer can be lost in docker-py's reader.
         """
-        deadline = time.monotonic() + self._startup_timeout
+        deadline = time.monotonic() + self._settings.startup_timeout
         api = self._client.api
         try:
-            container_id = str(self._client.containers.create(**self._create_options).id)
+            container_id = str(self._client.containers.create(**self._settings.create_options).id)
         except (docker.errors.DockerException, OSError) as exc:
             raise self._startup_error(exc, None) from exc
         _logger.debug("pool %s: created container %s", self._label, container_id[:12])
@@ -697,7 +784,7 @@ class _Pool:
             _attach_sockets.add(sock)
             container = _Container(container_id, sock)
             api.start(container_id)
-            self._check_ready(container.handshake(self._archive, self._hello, deadline))
+            self._check_ready(container.handshake(self._settings.archive, self._hello, deadline))
         except BaseException as exc:
             if sock is not None:
                 sock.close()
@@ -711,12 +798,14 @@ class _Pool:
             daemon=True,
         )
         self._readers.add(container.reader)
+        with self._changed:
+            self._containers.add(container)
         container.reader.start()
         return container
 
     def _startup_error(self, exc: Exception, container: _Container | None) -> StartupError:
-        what = f"cannot start a container of image {self._image!r}"
-        python = self._create_options["command"][0]
+        what = f"cannot start a container of image {self._settings.image!r}"
+        python = self._settings.create_options["command"][0]
         not_found = f"Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
         if isinstance(exc, docker.errors.APIError):
             hint = ""
@@ -733,7 +822,7 @@ class _Pool:
         stderr = "\n".join(container.stderr_tail) or "(nothing)"
         if timed_out:
             return StartupError(
-                f"{what}: the worker did not answer within startup_timeout={self._startup_timeout} s; "
+                f"{what}: the worker did not answer within startup_timeout={self._settings.startup_timeout} s; "
                 f"its stderr:\n{stderr}"
             )
         if isinstance(exc, EOFError):
@@ -758,7 +847,7 @@ class _Pool:
             )
 
     def _feed(self, container: _Container) -> None:
-        """Send tasks to the container until it is lost or the pool closes."""
+        """Send tasks to the container until it is lost, timed out, worn out or the pool closes."""
         while (task := self._next_task(container)) is not None:
             task_id, item = task
             try:
@@ -769,35 +858,62 @@ class _Pool:
 
     def _next_task(self, container: _Container) -> tuple[int, _WorkItem] | None:
         """Wait for a task the container has room for; None when it should stop."""
+        limit = self._settings.max_tasks_per_block
         with self._changed:
             while True:
-                if container.lost:
+                now = time.monotonic()
+                if container.lost or container.expire(now):
                     return None
-                if self._broken is None and self._pending and len(container.in_flight) < _TASKS_IN_FLIGHT:
-                    item = self._pending.popleft()
-                    if not item.future.set_running_or_notify_cancel():
-                        continue
-                    task_id = next(self._task_ids)
-                    container.in_flight[task_id] = item.future
-                    return task_id, item
-                if self._closing() and not container.in_flight:
+                worn_out = limit is not None and container.sent >= limit
+                room = len(container.in_flight) < _TASKS_IN_FLIGHT and not worn_out
+                if self._broken is None and self._pending and room:
+                    task = self._take_task(container, now)
+                    if task is not None:
+                        return task
+                    continue
+                if (worn_out or self._closing()) and not container.in_flight:
                     return None
-                self._changed.wait()
+                deadlines = [item.deadline for item in container.in_flight.values() if item.deadline is not None]
+                self._changed.wait(min(deadlines) - now if deadlines else None)
+
+    def _take_task(self, container: _Container, now: float) -> tuple[int, _WorkItem] | None:
+        """Move the next pending task into the container's flight (under the lock);
+        None if it was cancelled meanwhile."""
+        item = self._pending.popleft()
+        # A retried task is running already.
+        if not item.attempts and not item.future.set_running_or_notify_cancel():
+            return None
+        if self._settings.task_timeout is not None:
+            item.deadline = now + self._settings.task_timeout
+        task_id = next(self._task_ids)
+        container.in_flight[task_id] = item
+        container.sent += 1
+        return task_id, item
 
     def _stop_container(self, container: _Container) -> None:
-        """Tell the stub to exit, and wait until the container is removed.
+        """Tell the stub to exit (or kill it, if its task ran out of time), and wait
+        until the container is removed.
 
         A STOP message rather than closing our side of the socket: half-closing a
         TLS socket drops its TLS state while the reader still reads.
         """
-        with contextlib.suppress(OSError):
-            container.send(_stub.STOP, 0, b"")
-        assert container.reader is not None
-        container.reader.join(_EXIT_GRACE)
+        with self._changed:
+            self._containers.discard(container)
+        for item in container.expired.values():
+            item.future.set_exception(
+                TimeoutError(f"the task ran longer than task_timeout={self._settings.task_timeout} s; "
+                             f"its container {container.short_id} was killed and is replaced")
+            )
+        if not container.expired:
+            with contextlib.suppress(OSError):
+                container.send(_stub.STOP, 0, b"")
+            assert container.reader is not None
+            container.reader.join(_EXIT_GRACE)
         try:
             _remove_container(self._client.api, container.id)
         except (docker.errors.DockerException, OSError) as exc:
             _logger.warning("pool %s: could not remove container %s: %s", self._label, container.short_id, exc)
+        assert container.reader is not None
         container.reader.join(_EXIT_GRACE)
         container.sock.close()
         self._exits.forget(container.id)
@@ -824,28 +940,59 @@ class _Pool:
                 self._changed.notify_all()
             _logger.debug("pool %s: stream of container %s ended", self._label, container.short_id)
             if orphans:
-                error = error or self._worker_lost(container)
-                for future in orphans:
-                    future.set_exception(error)
+                self._orphaned(orphans, error or self._worker_lost(container))
 
     def _settle_results(self, container: _Container) -> None:
         """Settle each future as its result arrives, until the stream ends."""
         while True:
-            kind, task_id, payload = container.receive(_MAX_MESSAGE)
+            kind, task_id, payload = container.receive(self._settings.max_message_size)
             if kind not in (_stub.RESULT, _stub.RAISED):
                 raise ValueError(f"unexpected message kind {kind} for task {task_id}")
             with self._changed:
-                future = container.in_flight.pop(task_id, None)
+                item = container.in_flight.pop(task_id, None)
+                timed_out = task_id in container.expired
                 self._changed.notify_all()
-            if future is None:
+            if timed_out:
+                continue  # the answer of a task that had just run out of time
+            if item is None:
                 raise ValueError(f"a result for task {task_id}, which is not running there")
-            _settle(future, kind, payload)
+            container.task_done()
+            _settle(item.future, kind, payload)
+
+    def _orphaned(self, items: list[_WorkItem], error: MiniPoolError) -> None:
+        """Tasks whose container died: run them again (retries) or fail them.
+
+        This runs before the reader thread ends, and the block thread joins the
+        reader before it decides whether the pool still has work: a requeued task
+        always finds a block.
+        """
+        for item in items:
+            if isinstance(error, WorkerLost) and self._retry(item, error):
+                continue
+            with self._changed:
+                broken = self._broken
+            if broken is not None:
+                item.future.set_exception(broken)
+            else:
+                item.future.set_exception(error.after(item.attempts) if isinstance(error, WorkerLost) else error)
+
+    def _retry(self, item: _WorkItem, lost: WorkerLost) -> bool:
+        """Queue a lost task to run first on the next free block, if it has retries left."""
+        with self._changed:
+            if len(item.attempts) >= self._settings.retries or self._broken is not None:
+                return False
+            item.attempts.append(lost)
+            item.deadline = None
+            self._pending.appendleft(item)
+            self._changed.notify_all()
+        _logger.info("pool %s: running a lost task again (attempt %d)", self._label, len(item.attempts) + 1)
+        return True
 
     def _worker_lost(self, container: _Container) -> WorkerLost:
         exit_code, oom_killed = self._exits.exit_of(container.id)
         stderr = "\n".join(container.stderr_tail) or "(nothing)"
         message = (
-            f"container {container.short_id} of image {self._image!r} died while running the task "
+            f"container {container.short_id} of image {self._settings.image!r} died while running the task "
             f"({_describe_exit(exit_code, oom_killed)}); the pool replaces it. Its last stderr lines:\n{stderr}"
         )
         _logger.warning("pool %s: %s", self._label, message)
@@ -881,6 +1028,31 @@ def _install_exit_hooks() -> None:
 # --------------------------------------------------------------------------- the executor
 
 
+def _check_count(name: str, value: Any, least: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a whole number{' or None' if optional else ''}, not {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, not {value!r}")
+
+
+def _check_seconds(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds{' or None' if optional else ''}, not {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
+
+
+def _check_name(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, not {value!r}")
+    if not value.strip():
+        raise ValueError(f"{name} must not be empty")
+
+
 class ContainerPoolExecutor(Executor):
     """An Executor that runs calls in a pool of long-lived containers of one image.
 
@@ -896,8 +1068,15 @@ class ContainerPoolExecutor(Executor):
         first on its sys.path.
     container_options: passed unchanged to docker's containers.create (mem_limit,
         nano_cpus, ulimits, user, device_requests, runtime, network_mode, ...);
-        ours (network none, log driver none, auto_remove) are defaults under it.
-    startup_timeout: seconds a block may take from create to handshake.
+        ours (network none, no capabilities, no-new-privileges, a pids limit, log
+        driver none, auto_remove, init) are defaults under it.
+    startup_timeout: seconds a started container's worker may take to answer.
+    task_timeout: seconds a task may run; then its container is killed and
+        replaced, and its future raises TimeoutError.
+    retries: how many times a task whose container died is run again (on a fresh
+        container) before it fails with WorkerLost.
+    max_tasks_per_block: replace a container after it ran this many tasks.
+    max_message_size: bytes; a larger argument or result fails its future.
     label: a name for the pool in logs, thread names and container labels.
     """
 
@@ -914,29 +1093,47 @@ class ContainerPoolExecutor(Executor):
         ship: Iterable[str | os.PathLike] = (),
         container_options: Mapping[str, Any] | None = None,
         startup_timeout: float = 60.0,
+        task_timeout: float | None = None,
+        retries: int = 0,
+        max_tasks_per_block: int | None = None,
+        max_message_size: int = _MAX_MESSAGE,
         label: str | None = None,
     ) -> None:
-        if not isinstance(image, str) or not image:
-            raise ValueError(f"image must be a non-empty image name, not {image!r}")
-        if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
-            raise ValueError(f"blocks must be a whole number >= 1, not {blocks!r}")
-        if not startup_timeout > 0:
-            raise ValueError(f"startup_timeout must be > 0 seconds, not {startup_timeout!r}")
+        _check_name("image", image)
+        _check_name("python", python)
+        _check_count("blocks", blocks, 1)
+        _check_seconds("startup_timeout", startup_timeout)
+        _check_seconds("task_timeout", task_timeout, optional=True)
+        _check_count("retries", retries, 0)
+        _check_count("max_tasks_per_block", max_tasks_per_block, 1, optional=True)
+        _check_count("max_message_size", max_message_size, 1 << 16)
         shipped = [os.fspath(path) for path in ship]
         for path in shipped:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"ship: {path!r} does not exist")
         self._label = label or image
+        self._max_message_size = max_message_size
         pool_id = uuid.uuid4().hex[:12]
         client, owns_client = _connect(engine, pool_size=blocks + 4)
         try:
             _check_image(client, image)
             _sweep_orphans(client)
-            options = self._create_options(image, python, workdir, environment, volumes, container_options, pool_id)
-            _install_exit_hooks()
-            self._pool = _Pool(
-                client, owns_client, image, options, shipped, blocks, self._label, pool_id, startup_timeout
+            settings = _Settings(
+                image=image,
+                label=self._label,
+                pool_id=pool_id,
+                create_options=self._create_options(
+                    image, python, workdir, environment, volumes, container_options, pool_id
+                ),
+                archive=_stub_archive(shipped),
+                startup_timeout=startup_timeout,
+                task_timeout=task_timeout,
+                retries=retries,
+                max_tasks_per_block=max_tasks_per_block,
+                max_message_size=max_message_size,
             )
+            _install_exit_hooks()
+            self._pool = _Pool(client, owns_client, settings, blocks)
         except BaseException as exc:
             if owns_client:
                 client.close()
@@ -960,7 +1157,12 @@ class ContainerPoolExecutor(Executor):
         """containers.create's arguments: our defaults, the user's options over them,
         then what the pool cannot work without."""
         options: dict[str, Any] = {
+            # Safe defaults: a task reaches no network, holds no capability, cannot
+            # gain privileges through setuid binaries and cannot fork without end.
             "network_mode": "none",
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "pids_limit": _PIDS_LIMIT,
             # Through the default json-file driver every result byte would also be
             # written to disk, and streaming is ten times slower.
             "log_config": LogConfig(type=LogConfig.types.NONE),
@@ -1000,8 +1202,8 @@ class ContainerPoolExecutor(Executor):
     def _submit(self, kind: int, call: tuple) -> Future:
         future: Future = Future()
         try:
-            payload = _pickle_call(call)
-        except TypeError as exc:
+            payload = _pickle_call(call, self._max_message_size)
+        except (TypeError, ValueError) as exc:
             # Like ProcessPoolExecutor: the future fails, the pool goes on.
             self._pool.check_open()
             future.set_exception(exc)
@@ -1026,3 +1228,15 @@ class ContainerPoolExecutor(Executor):
             self._pool.join()
 
     shutdown.__doc__ = Executor.shutdown.__doc__
+
+    def terminate_workers(self) -> None:
+        """Stop every container now with SIGTERM, as ProcessPoolExecutor's (3.14) does
+        its processes: queued work is cancelled, running tasks fail with
+        BrokenContainerPool, and the pool is shut down."""
+        self._pool.stop_containers(signal.SIGTERM)
+        self.shutdown(wait=False)
+
+    def kill_workers(self) -> None:
+        """As terminate_workers(), with SIGKILL."""
+        self._pool.stop_containers(signal.SIGKILL)
+        self.shutdown(wait=False)

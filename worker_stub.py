@@ -43,7 +43,7 @@ PICKLE_PROTOCOL = 5
 
 # Message kinds. Host to stub:
 BOOT = 8  # tar of worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules)
-HELLO = 1  # JSON: {"python": [major, minor], "cloudpickle": bool}
+HELLO = 1  # JSON: {"python": [major, minor], "cloudpickle": bool, "max_message_size": n}
 CALL = 2  # pickle of (fn, args, kwargs)
 CHUNK = 3  # pickle of (fn, [args, ...]): one message for a chunk of map()
 STOP = 7  # empty: exit now (the pool is done with this container)
@@ -174,7 +174,7 @@ def describe_exception(exc, dumps):
     return pickle.dumps((name, message, text, pickled), protocol=PICKLE_PROTOCOL)
 
 
-def run_task(kind, payload, dumps, hint):
+def run_task(kind, payload, dumps, hint, max_size):
     """Run one CALL or CHUNK; return (RESULT or RAISED, payload)."""
     try:
         call = pickle.loads(payload)
@@ -193,10 +193,14 @@ def run_task(kind, payload, dumps, hint):
         return RAISED, describe_exception(exc, dumps)
     del call
     try:
-        return RESULT, dumps(result, protocol=PICKLE_PROTOCOL)
+        data = dumps(result, protocol=PICKLE_PROTOCOL)
     except BaseException as exc:
         error = TypeError("cannot pickle the result of type %s: %s" % (type(result).__qualname__, exc))
         return RAISED, describe_exception(error, dumps)
+    if len(data) > max_size:
+        too_big = ValueError("the result pickles to %d bytes, over max_message_size=%d" % (len(data), max_size))
+        return RAISED, describe_exception(too_big, dumps)
+    return RESULT, data
 
 
 def read_tasks(readinto, tasks):
@@ -255,7 +259,7 @@ def main():
     threading.Thread(target=read_tasks, args=(readinto, tasks), name="minipool-stub-reader", daemon=True).start()
     while True:
         kind, task_id, payload = tasks.get()
-        reply, data = run_task(kind, payload, dumps, hint)
+        reply, data = run_task(kind, payload, dumps, hint, hello.get("max_message_size", sys.maxsize))
         del payload
         write_message(writev, reply, task_id, data)
 

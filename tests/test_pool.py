@@ -261,10 +261,26 @@ def test_startup_failures_raise_startup_error_and_leave_nothing(make_pool, image
     assert isinstance(future.exception(), cf.BrokenExecutor)
 
 
-@pytest.mark.parametrize("bad", [{"blocks": 0}, {"blocks": 1.5}, {"image": ""}, {"startup_timeout": -1}])
-def test_bad_arguments_fail_at_once(bad):
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ({"blocks": 0}, ValueError),
+        ({"blocks": 1.5}, TypeError),
+        ({"image": ""}, ValueError),
+        ({"image": None}, TypeError),
+        ({"python": ""}, ValueError),
+        ({"startup_timeout": -1}, ValueError),
+        ({"task_timeout": 0}, ValueError),
+        ({"task_timeout": "1"}, TypeError),
+        ({"retries": -1}, ValueError),
+        ({"max_tasks_per_block": 0}, ValueError),
+        ({"max_message_size": 10}, ValueError),
+    ],
+    ids=str,
+)
+def test_bad_arguments_fail_at_once_naming_the_argument(bad, error):
     arguments = {"image": "app1_v0.1", **bad}
-    with pytest.raises(ValueError, match=next(iter(bad))):
+    with pytest.raises(error, match=next(iter(bad))):
         ContainerPoolExecutor(**arguments)
 
 
