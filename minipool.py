@@ -230,6 +230,15 @@ def _chunks(iterables: Sequence[Iterable], size: int) -> Iterator[list]:
         yield chunk
 
 
+def _cancel(item: _WorkItem) -> None:
+    """Cancel queued work so that wait() and as_completed() see it done (a bare
+    Future.cancel() leaves it invisible to them, as CPython's pools do)."""
+    if item.attempts:  # a lost task waiting to be run again: it has run, so it fails
+        item.future.set_exception(item.attempts[-1].after(item.attempts[:-1]))
+    elif item.future.cancel():
+        item.future.set_running_or_notify_cancel()
+
+
 # --------------------------------------------------------------------------- wire protocol
 
 
@@ -658,7 +667,7 @@ class _Pool:
                 self._pending.clear()
             self._changed.notify_all()
         for item in cancelled:
-            item.future.cancel()
+            _cancel(item)
 
     def stop_containers(self, how: signal.Signals) -> None:
         """terminate_workers() and kill_workers(): cancel queued work, signal every

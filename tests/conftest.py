@@ -4,8 +4,11 @@ import faulthandler
 import importlib.util
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -105,6 +108,71 @@ def make_pool(images, label):
         started = time.monotonic()
         pool.shutdown(wait=True, cancel_futures=True)
         assert time.monotonic() - started < 15, "shutdown was not quick"
+
+
+class SecondEngine:
+    """A dockerd of the test's own (socket, data root, exec root, pid file): it can
+    be stopped and started again, and stands in for a second host."""
+
+    def __init__(self, root):
+        self.root = root
+        self.url = f"unix://{root}/docker.sock"
+        self.process = None
+
+    def start(self):
+        with open(os.path.join(self.root, "dockerd.log"), "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    "dockerd", "--host", self.url, "--data-root", f"{self.root}/data",
+                    "--exec-root", f"{self.root}/exec", "--pidfile", f"{self.root}/docker.pid",
+                    "--bridge=none", "--iptables=false", "--ip-masq=false",
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(self.answers, what="the second engine to answer")
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(DEADLOCK)
+
+    def answers(self):
+        import docker
+
+        try:
+            client = docker.DockerClient(base_url=self.url)
+        except docker.errors.DockerException:
+            return False
+        try:
+            return client.ping()
+        except docker.errors.DockerException:
+            return False
+        finally:
+            client.close()
+
+    def client(self):
+        import docker
+
+        return docker.DockerClient(base_url=self.url)
+
+
+@pytest.fixture
+def second_engine(engine, images):
+    """A second engine holding app1_v0.1, stopped and removed at teardown."""
+    if shutil.which("dockerd") is None or os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but dockerd cannot be started here (needs root and docker.io)")
+        pytest.skip("a second engine needs root and dockerd")
+    second = SecondEngine(tempfile.mkdtemp(prefix="minipool-engine-", dir="/var/tmp"))
+    try:
+        second.start()
+        client = second.client()
+        client.api.load_image(engine.api.get_image(APP1))
+        client.close()
+        yield second
+    finally:
+        if second.process is not None and second.process.poll() is None:
+            second.stop()
+        shutil.rmtree(second.root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import importlib
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -118,3 +119,38 @@ def corrupt_channel():
     """
     os.write(4, b"this is no frame header, just garbage")
     time.sleep(60)
+
+
+def die_once(marker):
+    """Kill the container the first time (leaving a marker file), succeed after."""
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        kill_self()
+    return "second time lucky"
+
+
+def flood(megabytes):
+    """Write `megabytes` MB to stdout and as much to stderr, in 1 KB lines."""
+    line = "x" * 1023 + "\n"
+    for _ in range(megabytes * 1024):
+        sys.stdout.write(line)
+        sys.stderr.write(line)
+    sys.stdout.flush()
+    return "intact"
+
+
+def claim_absurd_length():
+    """Send a well-formed header that claims an exabyte on the stub's private channel."""
+    os.write(4, struct.pack(">HBBQQ", 0x4D50, 1, 5, 1, 1 << 60))
+    time.sleep(60)
+
+
+def nbytes(size):
+    return b"x" * size
+
+
+def square_or_die(i):
+    if i % 100 == 99:
+        kill_self()
+    return i * i

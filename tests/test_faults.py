@@ -1,0 +1,290 @@
+"""Faults, limits and hardening: each fault ends in a specific outcome, never a hang,
+a lost result or a leaked container."""
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+
+import pytest
+
+import helpers
+from conftest import APP1
+from conftest import DEADLOCK
+from conftest import HELPERS
+from conftest import containers_labelled
+from conftest import start_script
+from conftest import wait_until
+from minipool import BrokenContainerPool
+from minipool import ContainerPoolExecutor
+from minipool import ProtocolError
+from minipool import StartupError
+from minipool import WorkerLost
+
+
+def inspect_only_container(engine, label):
+    (container_id,) = containers_labelled(engine, label)
+    return engine.api.inspect_container(container_id)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_task_timeout_kills_and_replaces_only_that_container(make_pool):
+    pool = make_pool(blocks=2, task_timeout=1.5)
+    slow = pool.submit(helpers.sleep_then, 60)
+    quick = [pool.submit(helpers.sleep_then, 0.2, i) for i in range(4)]
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"task_timeout=1\.5"):
+        slow.result(DEADLOCK)
+    assert time.monotonic() - started < 1.5 + 5
+    assert [f.result(DEADLOCK) for f in quick] == [0, 1, 2, 3]
+    assert pool.submit(helpers.sleep_then, 1.0, "in time").result(DEADLOCK) == "in time"
+
+
+def test_retries_run_a_lost_task_again(make_pool, tmp_path):
+    pool = make_pool(retries=1, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
+    assert pool.submit(helpers.die_once, "/shared/marker").result(DEADLOCK) == "second time lucky"
+
+
+def test_retries_exhausted_lists_every_attempt(make_pool):
+    pool = make_pool(blocks=2, retries=2)
+    with pytest.raises(WorkerLost) as info:
+        pool.submit(helpers.kill_self).result(DEADLOCK)
+    assert len(info.value.attempts) == 2
+    assert "lost 3 times" in str(info.value)
+    assert len({lost.container_id for lost in [*info.value.attempts, info.value]}) == 3
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
+def test_a_task_that_raises_is_not_retried(make_pool, tmp_path):
+    pool = make_pool(retries=3)
+    with pytest.raises(ValueError):
+        pool.submit(helpers.raise_value_error, "once").result(DEADLOCK)
+
+
+def test_max_tasks_per_block_recycles_containers(make_pool):
+    pool = make_pool(max_tasks_per_block=3)
+    hosts = [pool.submit(helpers.hostname_after, 0).result(DEADLOCK) for _ in range(9)]
+    assert [hosts.count(host) for host in dict.fromkeys(hosts)] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("how", ["terminate_workers", "kill_workers"])
+def test_terminate_and_kill_workers(make_pool, engine, label, how):
+    pool = make_pool(blocks=2)
+    running = [pool.submit(helpers.sleep_then, 60) for _ in range(2)]
+    queued = [pool.submit(helpers.double, i) for i in range(3)]
+    wait_until(lambda: all(f.running() for f in running), what="both tasks to start")
+    getattr(pool, how)()
+    for future in running:
+        with pytest.raises(BrokenContainerPool, match=how):
+            future.result(DEADLOCK)
+    assert all(f.cancelled() for f in queued)
+    with pytest.raises((RuntimeError, BrokenContainerPool)):
+        pool.submit(helpers.double, 1)
+    wait_until(lambda: not containers_labelled(engine, label), timeout=15, what="containers to go")
+
+
+# --------------------------------------------------------------------------- safe defaults
+
+
+def test_safe_defaults_are_applied(make_pool, engine, label):
+    pool = make_pool()
+    assert pool.submit(helpers.double, 1).result(DEADLOCK) == 2
+    host = inspect_only_container(engine, label)["HostConfig"]
+    assert host["NetworkMode"] == "none"
+    assert host["CapDrop"] == ["ALL"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["PidsLimit"] == 4096
+    assert host["Init"] is True
+
+
+def test_safe_defaults_can_be_overridden(make_pool, engine, label):
+    pool = make_pool(container_options={"pids_limit": 64, "cap_drop": None, "security_opt": None})
+    assert pool.submit(helpers.double, 1).result(DEADLOCK) == 2
+    host = inspect_only_container(engine, label)["HostConfig"]
+    assert host["PidsLimit"] == 64
+    assert not host["CapDrop"] and not host["SecurityOpt"]
+
+
+def test_read_only_root_filesystem_needs_only_a_writable_temp_dir(make_pool):
+    pool = make_pool(container_options={"read_only": True, "tmpfs": {"/tmp": ""}, "user": "65534"})
+    assert pool.submit(helpers.double, 21).result(DEADLOCK) == 42
+    with pytest.raises(OSError):
+        pool.submit(helpers.read_text, "/home/nonexistent-and-unwritable").result(DEADLOCK)
+
+
+def test_read_only_root_filesystem_without_a_temp_dir_says_so(make_pool):
+    pool = make_pool(container_options={"read_only": True})
+    with pytest.raises(StartupError, match="temporary directory"):
+        pool.submit(helpers.double, 1).result(DEADLOCK)
+
+
+# --------------------------------------------------------------------------- the faults
+
+
+def test_container_killed_from_outside_twenty_times(make_pool, engine, label):
+    pool = make_pool()
+    for _ in range(20):
+        future = pool.submit(helpers.sleep_then, 60)
+        wait_until(future.running, what="the task to start")
+        wait_until(lambda: len(containers_labelled(engine, label)) == 1, what="one container")
+        engine.api.kill(containers_labelled(engine, label)[0])
+        with pytest.raises(WorkerLost, match="SIGKILL"):
+            future.result(DEADLOCK)
+        assert pool.submit(helpers.double, 3).result(DEADLOCK) == 6
+
+
+def test_engine_stopping_mid_work_fails_futures_and_a_new_pool_works_after(second_engine, label):
+    pool = ContainerPoolExecutor(APP1, blocks=2, engine=second_engine.url, label=label, ship=[HELPERS])
+    running = [pool.submit(helpers.sleep_then, 60) for _ in range(2)]
+    queued = [pool.submit(helpers.double, i) for i in range(5)]
+    wait_until(lambda: all(f.running() for f in running), what="both tasks to start")
+    second_engine.stop()
+    _, not_done = cf.wait(running + queued, timeout=DEADLOCK)
+    assert not not_done, "futures hang after the engine stopped"
+    for future in running + queued:
+        assert isinstance(future.exception(), (BrokenContainerPool, WorkerLost)), future.exception()
+    started = time.monotonic()
+    pool.shutdown()
+    assert time.monotonic() - started < DEADLOCK
+
+    second_engine.start()
+    with ContainerPoolExecutor(APP1, engine=second_engine.url, label=label, ship=[HELPERS]) as again:
+        assert again.submit(helpers.double, 5).result(DEADLOCK) == 10
+    client = second_engine.client()
+    try:
+        wait_until(lambda: not containers_labelled(client, label), timeout=15, what="containers to go")
+    finally:
+        client.close()
+
+
+def test_exit_while_blocks_are_still_starting_leaves_nothing(images, engine, label):
+    process = start_script(
+        f"""
+        from minipool import ContainerPoolExecutor
+        pool = ContainerPoolExecutor("app1_v0.1", blocks=4, label="{label}")
+        """
+    )
+    _, err = process.communicate(timeout=DEADLOCK)
+    assert process.returncode == 0, err
+    assert not containers_labelled(engine, label)
+
+
+def test_a_flood_of_output_keeps_the_channel_intact_and_memory_bounded(images, label):
+    process = start_script(
+        f"""
+        import logging, resource
+        from minipool import ContainerPoolExecutor
+        import helpers
+
+        class Count(logging.Handler):
+            records = notes = 0
+            def emit(self, record):
+                Count.records += 1
+                Count.notes += "truncated" in record.getMessage()
+
+        logging.getLogger("minipool.worker").addHandler(Count())
+        logging.getLogger("minipool.worker").setLevel(logging.INFO)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with ContainerPoolExecutor("app1_v0.1", label="{label}", ship=["{HELPERS}"]) as pool:
+            assert pool.submit(helpers.flood, 100).result() == "intact"
+            assert pool.submit(helpers.double, 2).result() == 4
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+        print(grown, Count.records, Count.notes)
+        """
+    )
+    out, err = process.communicate(timeout=DEADLOCK * 3)
+    assert process.returncode == 0, err
+    grown_mb, records, notes = map(int, out.split())
+    assert grown_mb < 100, f"the host grew by {grown_mb} MB for 200 MB of output"
+    assert notes >= 1
+    assert records < 5000, "the output was logged without limit"
+
+
+def test_a_header_claiming_an_absurd_length_is_a_protocol_error(make_pool):
+    pool = make_pool()
+    with pytest.raises(ProtocolError, match="exceeds the limit") as info:
+        pool.submit(helpers.claim_absurd_length).result(DEADLOCK)
+    assert "container " in str(info.value)
+    assert pool.submit(helpers.double, 1).result(DEADLOCK) == 2
+
+
+def test_max_message_size_fails_only_the_oversized_call_or_result(make_pool):
+    pool = make_pool(max_message_size=1 << 20)
+    with pytest.raises(ValueError, match="max_message_size"):
+        pool.submit(helpers.identity, b"x" * (2 << 20)).result(DEADLOCK)
+    with pytest.raises(ValueError, match="max_message_size"):
+        pool.submit(helpers.nbytes, 2 << 20).result(DEADLOCK)
+    assert len(pool.submit(helpers.nbytes, 1 << 19).result(DEADLOCK)) == 1 << 19
+
+
+def test_an_image_that_speaks_garbage_fails_to_start(make_pool):
+    pool = make_pool(container_options={"entrypoint": ["sh", "-c", "echo garbage garbage garbage; sleep 30"]})
+    with pytest.raises(StartupError, match="bad frame magic"):
+        pool.submit(helpers.double, 1).result(DEADLOCK)
+
+
+def test_submitting_from_eight_threads_while_another_shuts_down(make_pool):
+    pool = make_pool(blocks=2)
+    futures, refused = [], []
+    lock = threading.Lock()
+
+    def submitter():
+        for i in range(1000):
+            try:
+                future = pool.submit(helpers.double, i)
+            except RuntimeError:
+                with lock:
+                    refused.append(i)
+                return
+            with lock:
+                futures.append(future)
+
+    threads = [threading.Thread(target=submitter) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    stopper = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
+    stopper.start()
+    for thread in [*threads, stopper]:
+        thread.join(DEADLOCK)
+        assert not thread.is_alive(), "deadlock"
+    _, not_done = cf.wait(futures, timeout=DEADLOCK)
+    assert not not_done
+    completed = [f for f in futures if not f.cancelled() and f.exception() is None]
+    cancelled = [f for f in futures if f.cancelled()]
+    failed = [f for f in futures if not f.cancelled() and f.exception() is not None]
+    assert len(completed) + len(cancelled) + len(failed) == len(futures)
+    assert not failed
+    assert len(futures) + len(refused) <= 8000
+
+
+@pytest.mark.slow
+def test_soak_50000_tasks_with_one_percent_killing_their_container(make_pool, engine, label):
+    def rss_mb():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) // 1024
+
+    pool = make_pool(blocks=4)
+    logging.getLogger("minipool").setLevel(logging.ERROR)  # 500 WorkerLost warnings are expected
+    try:
+        assert pool.submit(helpers.double, 1).result(DEADLOCK) == 2
+        before = rss_mb()
+        futures = [pool.submit(helpers.square_or_die, i) for i in range(50_000)]
+        done, not_done = cf.wait(futures, timeout=DEADLOCK * 10)
+        after = rss_mb()
+    finally:
+        logging.getLogger("minipool").setLevel(logging.NOTSET)
+    assert not not_done
+    lost = [i for i, f in enumerate(futures) if isinstance(f.exception(), WorkerLost)]
+    assert lost == list(range(99, 50_000, 100))
+    assert all(futures[i].result() == i * i for i in range(50_000) if i % 100 != 99)
+    print(f"soak: host RSS {before} MB before, {after} MB after 50,000 tasks and 500 lost containers")
+    del futures, done
+    assert after - before < 100
+
+
+def test_python_that_is_not_python_is_refused(label):
+    with pytest.raises(ValueError, match="python"):
+        ContainerPoolExecutor(APP1, python="   ", label=label)
