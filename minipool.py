@@ -4,16 +4,18 @@
         print(ex.submit(predict, [1, 2, 3]).result())
 
 Each block is one container of the executor's image, started once and reused for
-every task. `worker_stub.py` is copied into it and speaks a small protocol over the
-container's attached stdin/stdout:
+every task. `worker_stub.py` is sent into it over its stdin (worker_stub.BOOTSTRAP)
+and speaks a small protocol over the container's attached stdin/stdout:
 
     caller ── submit(fn, *args) ──► pending queue ──► block thread i ── CALL frame ──► stdin ─┐
                                                                                           worker_stub
     future.set_result ◄── reader thread i ◄── Docker stream frames (1 = stdout: protocol,   runs fn
                                               2 = stderr: logged) ◄── RESULT frame ◄─ stdout ─┘
 
-A block thread starts its container (create, attach, copy the stub in, start,
-handshake), feeds it tasks from the shared queue and replaces it when it dies.
+A block thread starts its container (create, attach, start, send the stub,
+handshake), feeds it tasks from the shared queue, kills it when a task outlives
+task_timeout, and replaces it when it dies, times out or has run
+max_tasks_per_block tasks.
 Its reader thread settles futures by task id, sends stderr to the
 "minipool.worker" logger and, when the stream ends, fails what was in flight
 with WorkerLost. The engine's event stream tells each dead container's exit code
