@@ -53,6 +53,7 @@ import weakref
 from concurrent.futures import BrokenExecutor
 from concurrent.futures import Executor
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError  # the builtin one from 3.11 on
 from typing import Any
 from typing import Callable
 from typing import Iterable
@@ -89,7 +90,8 @@ _logger = logging.getLogger(__name__)
 _worker_logger = logging.getLogger(__name__ + ".worker")
 
 # One task in flight per block: a free block takes the next task, so long tasks
-# spread evenly. (Pipelining several is issue 4's work.)
+# spread evenly. (Pipelining several is issue 4's work; task_timeout kills the
+# whole container, so with several in flight the others would be lost too.)
 _TASKS_IN_FLIGHT = 1
 # Default cap on one message (max_message_size): the host never allocates more
 # than this whatever a header claims, as the payload buffer is allocated (and
@@ -106,8 +108,11 @@ _LOG_BUDGET = 1 << 20
 _PIDS_LIMIT = 4096
 # How long a lost container's exit code may take to arrive on the event stream.
 _EXIT_EVENT_WAIT = 5.0
-# How long a stub may take to exit after its stdin closed before it is killed.
+# How long a stub may take to exit after STOP before its container is removed by force.
 _EXIT_GRACE = 10.0
+# A replacement container that fails to start is tried this many times, a second
+# apart, before the pool is declared broken: the engine may have hiccuped.
+_REPLACEMENT_TRIES = 3
 # Docker's attach stream: each frame is stream type (1 stdout, 2 stderr) and length.
 _FRAME_HEADER = struct.Struct(">BxxxL")
 _STDOUT = 1
@@ -232,10 +237,11 @@ def _chunks(iterables: Sequence[Iterable], size: int) -> Iterator[list]:
         yield chunk
 
 
-def _cancel(item: _WorkItem) -> None:
+def _drop_queued(item: _WorkItem) -> None:
     """Cancel queued work so that wait() and as_completed() see it done (a bare
-    Future.cancel() leaves it invisible to them, as CPython's pools do)."""
-    if item.attempts:  # a lost task waiting to be run again: it has run, so it fails
+    Future.cancel() leaves it invisible to them, as CPython's pools do). A lost task
+    waiting to run again has run already: it fails with its WorkerLost."""
+    if item.attempts:
         item.future.set_exception(item.attempts[-1].after(item.attempts[:-1]))
     elif item.future.cancel():
         item.future.set_running_or_notify_cancel()
@@ -448,12 +454,19 @@ class _ExitWatch:
         self._changed = threading.Condition()
         threading.Thread(target=self._follow, name=f"minipool-{label}-events", daemon=True).start()
 
+    def expect(self, container_id: str) -> None:
+        """Keep what the engine tells of this container until forget()."""
+        with self._changed:
+            self._exits[container_id] = (None, False)
+
     def _follow(self) -> None:
         with contextlib.suppress(Exception):  # the stream ends with an error when closed
             for event in self._events:
                 container_id = event["Actor"]["ID"]
                 with self._changed:
-                    exit_code, oom_killed = self._exits.get(container_id, (None, False))
+                    if container_id not in self._exits:  # forgotten already
+                        continue
+                    exit_code, oom_killed = self._exits[container_id]
                     if event["Action"] == "oom":
                         oom_killed = True
                     else:
@@ -573,8 +586,8 @@ class _Container:
 
     def expire(self, now: float) -> bool:
         """Take the tasks past their deadline out of flight; True if there were any."""
-        overdue = [task_id for task_id, item in self.in_flight.items() if item.overdue(now)]
-        self.expired = {task_id: self.in_flight.pop(task_id) for task_id in overdue}
+        for task_id in [task_id for task_id, item in self.in_flight.items() if item.overdue(now)]:
+            self.expired[task_id] = self.in_flight.pop(task_id)
         return bool(self.expired)
 
     def handshake(self, archive: bytes, hello: dict, deadline: float) -> dict:
@@ -657,7 +670,9 @@ class _Pool:
         """Raise what submit must raise when the pool takes no more work."""
         with self._changed:
             if self._broken is not None:
-                raise BrokenContainerPool(f"the pool cannot take work: {self._broken}") from self._broken
+                # A pool that never started says so again (StartupError) to each submit.
+                kind = type(self._broken) if isinstance(self._broken, BrokenContainerPool) else BrokenContainerPool
+                raise kind(f"the pool cannot take work: {self._broken}") from self._broken
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
 
@@ -669,15 +684,12 @@ class _Pool:
                 self._pending.clear()
             self._changed.notify_all()
         for item in cancelled:
-            _cancel(item)
+            _drop_queued(item)
 
-    def stop_containers(self, how: signal.Signals) -> None:
+    def stop_containers(self, how: signal.Signals, caller: str) -> None:
         """terminate_workers() and kill_workers(): cancel queued work, signal every
         container now; the tasks they ran fail with BrokenContainerPool."""
-        error = BrokenContainerPool(
-            f"the pool's containers were stopped with {how.name} by "
-            f"{'kill_workers' if how == signal.SIGKILL else 'terminate_workers'}()"
-        )
+        error = BrokenContainerPool(f"the pool's containers were stopped with {how.name} by {caller}()")
         with self._changed:
             self._broken = self._broken or error
             containers = list(self._containers)
@@ -751,12 +763,12 @@ class _Pool:
         """Keep one container running and fed until the pool closes; replace it when
         lost, timed out or worn out (max_tasks_per_block)."""
         try:
-            while True:
-                with self._changed:
-                    if self._closing():
-                        return
-                started = time.monotonic()
-                container = self._start_container()
+            with self._changed:
+                if self._closing():
+                    return
+            started = time.monotonic()
+            container: _Container | None = self._start_container()
+            while container is not None:
                 _logger.info(
                     "pool %s: block %d/%d ready in container %s (%.2f s)",
                     self._label, index + 1, blocks, container.short_id, time.monotonic() - started,
@@ -765,6 +777,8 @@ class _Pool:
                     self._feed(container)
                 finally:
                     self._stop_container(container)
+                started = time.monotonic()
+                container = self._start_replacement()
         except StartupError as exc:
             self._break(exc)
         except Exception as exc:
@@ -774,6 +788,26 @@ class _Pool:
             self._break(error)
         finally:
             self._block_finished()
+
+    def _start_replacement(self) -> _Container | None:
+        """A new container for a block that had one; None if the pool closes first.
+
+        A first start that fails breaks the pool (the image or options are wrong);
+        a replacement is tried again first, as the engine may only have hiccuped.
+        """
+        for attempt in range(1, _REPLACEMENT_TRIES + 1):
+            with self._changed:
+                if self._closing():
+                    return None
+            try:
+                return self._start_container()
+            except StartupError as exc:
+                if attempt == _REPLACEMENT_TRIES:
+                    raise
+                _logger.warning("pool %s: a replacement container failed to start: %s", self._label, exc)
+            with self._changed:
+                self._changed.wait_for(self._closing, 1.0)
+        return None
 
     def _start_container(self) -> _Container:
         """Create, attach, start, send the stub, handshake; StartupError otherwise.
@@ -788,6 +822,7 @@ class _Pool:
         except (docker.errors.DockerException, OSError) as exc:
             raise self._startup_error(exc, None) from exc
         _logger.debug("pool %s: created container %s", self._label, container_id[:12])
+        self._exits.expect(container_id)
         sock = container = None
         try:
             attach = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
@@ -802,8 +837,11 @@ class _Pool:
             with contextlib.suppress(docker.errors.DockerException, OSError):
                 _remove_container(api, container_id)
             if isinstance(exc, StartupError) or not isinstance(exc, Exception):
+                self._exits.forget(container_id)
                 raise
-            raise self._startup_error(exc, container) from exc
+            error = self._startup_error(exc, container)
+            self._exits.forget(container_id)
+            raise error from exc
         container.reader = threading.Thread(
             target=self._read_results, args=(container,), name=f"minipool-{self._label}-reader-{container.short_id}",
             daemon=True,
@@ -866,6 +904,23 @@ class _Pool:
             except OSError as exc:
                 # The container is gone: its reader fails this task with WorkerLost.
                 _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
+        if container.expired:
+            self._time_out(container)
+
+    def _time_out(self, container: _Container) -> None:
+        """Kill the container whose task ran out of time, then fail that task."""
+        _logger.warning("pool %s: killing container %s: its task ran out of time", self._label, container.short_id)
+        try:
+            _remove_container(self._client.api, container.id)
+        except (docker.errors.DockerException, OSError) as exc:
+            _logger.warning("pool %s: could not kill container %s: %s", self._label, container.short_id, exc)
+        for item in container.expired.values():
+            item.future.set_exception(
+                FuturesTimeoutError(
+                    f"the task ran longer than task_timeout={self._settings.task_timeout} s; "
+                    f"its container {container.short_id} was killed"
+                )
+            )
 
     def _next_task(self, container: _Container) -> tuple[int, _WorkItem] | None:
         """Wait for a task the container has room for; None when it should stop."""
@@ -902,30 +957,28 @@ class _Pool:
         return task_id, item
 
     def _stop_container(self, container: _Container) -> None:
-        """Tell the stub to exit (or kill it, if its task ran out of time), and wait
-        until the container is removed.
+        """Tell the stub to exit, and wait until the container is removed.
 
         A STOP message rather than closing our side of the socket: half-closing a
         TLS socket drops its TLS state while the reader still reads.
         """
+        reader = container.reader
+        assert reader is not None
         with self._changed:
             self._containers.discard(container)
-        for item in container.expired.values():
-            item.future.set_exception(
-                TimeoutError(f"the task ran longer than task_timeout={self._settings.task_timeout} s; "
-                             f"its container {container.short_id} was killed and is replaced")
-            )
-        if not container.expired:
-            with contextlib.suppress(OSError):
-                container.send(_stub.STOP, 0, b"")
-            assert container.reader is not None
-            container.reader.join(_EXIT_GRACE)
+        with contextlib.suppress(OSError):
+            container.send(_stub.STOP, 0, b"")
+        reader.join(_EXIT_GRACE)
         try:
             _remove_container(self._client.api, container.id)
         except (docker.errors.DockerException, OSError) as exc:
             _logger.warning("pool %s: could not remove container %s: %s", self._label, container.short_id, exc)
-        assert container.reader is not None
-        container.reader.join(_EXIT_GRACE)
+        reader.join(_EXIT_GRACE)
+        if container.lost:
+            # Its reader is past reading, settling or requeueing what was in flight:
+            # wait for it, so the pool's pending work is complete before this block
+            # decides whether the pool still has work.
+            reader.join()
         container.sock.close()
         self._exits.forget(container.id)
         _logger.debug("pool %s: container %s stopped", self._label, container.short_id)
@@ -943,6 +996,7 @@ class _Pool:
             error = ProtocolError(f"container {container.short_id}: {exc}")
             _logger.error("pool %s: %s", self._label, error)
         finally:
+            container.task_done()
             # Whatever ended the stream, the block thread must learn it and no future may hang.
             with self._changed:
                 container.lost = True
@@ -1004,7 +1058,7 @@ class _Pool:
         stderr = "\n".join(container.stderr_tail) or "(nothing)"
         message = (
             f"container {container.short_id} of image {self._settings.image!r} died while running the task "
-            f"({_describe_exit(exit_code, oom_killed)}); the pool replaces it. Its last stderr lines:\n{stderr}"
+            f"({_describe_exit(exit_code, oom_killed)}). Its last stderr lines:\n{stderr}"
         )
         _logger.warning("pool %s: %s", self._label, message)
         return WorkerLost(message, container.id, exit_code, oom_killed, container.stderr_tail)
@@ -1053,8 +1107,8 @@ def _check_seconds(name: str, value: Any, optional: bool = False) -> None:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds{' or None' if optional else ''}, not {value!r}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
+    if not 0 < value <= threading.TIMEOUT_MAX:
+        raise ValueError(f"{name} must be > 0 and <= {threading.TIMEOUT_MAX:.0f} seconds, not {value!r}")
 
 
 def _check_name(name: str, value: Any) -> None:
@@ -1244,10 +1298,8 @@ class ContainerPoolExecutor(Executor):
         """Stop every container now with SIGTERM, as ProcessPoolExecutor's (3.14) does
         its processes: queued work is cancelled, running tasks fail with
         BrokenContainerPool, and the pool is shut down."""
-        self._pool.stop_containers(signal.SIGTERM)
-        self.shutdown(wait=False)
+        self._pool.stop_containers(signal.SIGTERM, "terminate_workers")
 
     def kill_workers(self) -> None:
         """As terminate_workers(), with SIGKILL."""
-        self._pool.stop_containers(signal.SIGKILL)
-        self.shutdown(wait=False)
+        self._pool.stop_containers(signal.SIGKILL, "kill_workers")

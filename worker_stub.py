@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import queue
+import signal
 import struct
 import sys
 import threading
@@ -246,6 +247,8 @@ def version_hint(host_python):
 def main():
     channel_in, channel_out = private_channel()
     faulthandler.enable()
+    # As PID 1 (a container without an init) Python would ignore SIGTERM.
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
     readinto = os.fdopen(channel_in, "rb", buffering=0).readinto
     writev = functools.partial(os.writev, channel_out)
     hello = handshake(readinto, writev)
@@ -255,11 +258,12 @@ def main():
     sys.path[0:1] = [os.path.join(home, "ship"), os.path.join(home, "lib"), os.getcwd()]
     dumps = serializer(hello["cloudpickle"])
     hint = version_hint(hello["python"])
+    max_size = hello["max_message_size"]
     tasks = queue.SimpleQueue()  # type: queue.SimpleQueue[tuple]
     threading.Thread(target=read_tasks, args=(readinto, tasks), name="minipool-stub-reader", daemon=True).start()
     while True:
         kind, task_id, payload = tasks.get()
-        reply, data = run_task(kind, payload, dumps, hint, hello.get("max_message_size", sys.maxsize))
+        reply, data = run_task(kind, payload, dumps, hint, max_size)
         del payload
         write_message(writev, reply, task_id, data)
 

@@ -70,9 +70,11 @@ def test_max_tasks_per_block_recycles_containers(make_pool):
     assert [hosts.count(host) for host in dict.fromkeys(hosts)] == [3, 3, 3]
 
 
-@pytest.mark.parametrize("how", ["terminate_workers", "kill_workers"])
-def test_terminate_and_kill_workers(make_pool, engine, label, how):
-    pool = make_pool(blocks=2)
+@pytest.mark.parametrize(
+    "how, init", [("terminate_workers", True), ("kill_workers", True), ("terminate_workers", False)]
+)
+def test_terminate_and_kill_workers(make_pool, engine, label, how, init):
+    pool = make_pool(blocks=2, container_options={"init": init})
     running = [pool.submit(helpers.sleep_then, 60) for _ in range(2)]
     queued = [pool.submit(helpers.double, i) for i in range(3)]
     wait_until(lambda: all(f.running() for f in running), what="both tasks to start")

@@ -26,7 +26,7 @@ class Stub:
             [sys.executable, STUB], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
         self.writev = lambda views: self.process.stdin.write(b"".join(views))
-        hello = hello or {"python": list(sys.version_info[:2]), "cloudpickle": True}
+        hello = hello or {"python": list(sys.version_info[:2]), "cloudpickle": True, "max_message_size": 1 << 30}
         self.send(stub.HELLO, 0, json.dumps(hello).encode())
         kind, _, payload = self.receive()
         assert kind == stub.READY
@@ -124,7 +124,8 @@ def test_bootstrap_unpacks_the_worker_into_a_temporary_directory():
     )
     writev = lambda views: process.stdin.write(b"".join(views))  # noqa: E731
     stub.write_message(writev, stub.BOOT, 0, minipool._stub_archive([os.path.join(TESTS, "helpers.py")]))
-    stub.write_message(writev, stub.HELLO, 0, json.dumps({"python": [3, 0], "cloudpickle": True}).encode())
+    hello = {"python": [3, 0], "cloudpickle": True, "max_message_size": 1 << 30}
+    stub.write_message(writev, stub.HELLO, 0, json.dumps(hello).encode())
     stub.write_message(writev, stub.CALL, 1, pickle.dumps((helpers.where, (), {})))
     process.stdin.flush()
     assert stub.read_message(process.stdout.readinto, 1 << 20)[0] == stub.READY
@@ -202,7 +203,7 @@ def test_garbage_ends_the_stub_with_a_message(worker):
 
 def test_version_mismatch_is_named_when_unpickling_fails():
     other = [sys.version_info[0], sys.version_info[1] + 1]
-    worker = Stub({"python": other, "cloudpickle": False})
+    worker = Stub({"python": other, "cloudpickle": False, "max_message_size": 1 << 30})
     try:
         worker.send(stub.CALL, 1, b"not a pickle")
         _, message, _, _ = pickle.loads(worker.receive()[2])
