@@ -205,10 +205,13 @@ def test_a_flood_of_output_keeps_the_channel_intact_and_memory_bounded(images, l
     assert records < 5000, "the output was logged without limit"
 
 
-def test_a_header_claiming_an_absurd_length_is_a_protocol_error(make_pool):
+@pytest.mark.parametrize(
+    "corrupt, words", [(helpers.corrupt_channel, "bad frame magic"), (helpers.claim_absurd_length, "exceeds the limit")]
+)
+def test_a_corrupt_channel_is_a_protocol_error_and_the_block_is_replaced(make_pool, corrupt, words):
     pool = make_pool()
-    with pytest.raises(ProtocolError, match="exceeds the limit") as info:
-        pool.submit(helpers.claim_absurd_length).result(DEADLOCK)
+    with pytest.raises(ProtocolError, match=words) as info:
+        pool.submit(corrupt).result(DEADLOCK)
     assert "container " in str(info.value)
     assert pool.submit(helpers.double, 1).result(DEADLOCK) == 2
 

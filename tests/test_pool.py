@@ -21,7 +21,6 @@ from conftest import wait_until
 from minipool import BrokenContainerPool
 from minipool import ContainerPoolExecutor
 from minipool import MiniPoolError
-from minipool import ProtocolError
 from minipool import RemoteError
 from minipool import StartupError
 from minipool import WorkerLost
@@ -185,14 +184,6 @@ def test_crash_fails_its_task_with_worker_lost_and_pool_heals(make_pool, task, a
         assert any("Segmentation fault" in line for line in lost.stderr_tail)
     assert [f.result(DEADLOCK) for f in bystanders] == [0, 1, 2, 3]
     assert sorted(pool.map(helpers.double, range(6))) == [0, 2, 4, 6, 8, 10]
-
-
-def test_garbage_on_the_channel_is_a_protocol_error_and_the_block_is_replaced(make_pool):
-    pool = make_pool()
-    with pytest.raises(ProtocolError, match="bad frame magic") as info:
-        pool.submit(helpers.corrupt_channel).result(DEADLOCK)
-    assert "container " in str(info.value)
-    assert pool.submit(helpers.double, 4).result(DEADLOCK) == 8
 
 
 def test_container_killed_from_outside(make_pool, engine, label):
