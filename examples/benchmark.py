@@ -1,0 +1,319 @@
+"""minipool against its baselines, every row measured in the same run.
+
+    python examples/benchmark.py [--quick] [--image app1_v0.1]
+
+Baselines: ProcessPoolExecutor with as many workers as blocks; one `docker run
+--rm` per task; one `docker exec` per task; and the channel's own limit, raw
+bytes through an attached container (what `docker run -i` does) with log driver
+none, each way. Each figure is the median of several repetitions (one with
+--quick, which CI runs as a smoke test without judging the numbers).
+"""
+
+import argparse
+import concurrent.futures as cf
+import logging
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+import docker  # noqa: E402
+
+from minipool import ContainerPoolExecutor  # noqa: E402
+
+MB = 1 << 20
+QUIET = {"network_mode": "none", "log_config": {"type": "none"}}
+
+
+class Sizes:
+    """How much work each row does: full, or --quick for CI."""
+
+    def __init__(self, quick):
+        self.repeats = 1 if quick else 5
+        self.round_trips = 200 if quick else 1000
+        self.outstanding = 2_000 if quick else 10_000
+        self.map_items = 20_000 if quick else 200_000
+        self.payload = (8 if quick else 64) * MB
+        self.big_result = (32 if quick else 256) * MB
+        self.block_counts = (1, 4) if quick else (1, 4, 16)
+        self.per_task_runs = 3 if quick else 10
+
+
+def median_of(repeats, measure):
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def timed(action):
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- pool rows
+
+
+def round_trip_us(pool, count):
+    pool.submit(abs, 0).result()
+    return timed(lambda: [pool.submit(abs, i).result() for i in range(count)]) / count * 1e6
+
+
+def throughput(pool, count):
+    def run():
+        for future in [pool.submit(abs, i) for i in range(count)]:
+            future.result()
+
+    pool.submit(abs, 0).result()
+    return count / timed(run)
+
+
+def map_rate(pool, count):
+    return count / timed(lambda: sum(pool.map(abs, range(count), chunksize=1000)))
+
+
+def argument_rate(pool, size):
+    data = b"x" * size
+    assert pool.submit(len, data).result() == size  # warm
+    return size / MB / timed(lambda: pool.submit(len, data).result())
+
+
+def result_rate(pool, size):
+    assert len(pool.submit(bytes, size).result()) == size  # warm
+    return size / MB / timed(lambda: pool.submit(bytes, size).result())
+
+
+def makespan_ratio(pool, blocks):
+    """40 tasks of 0-50 ms on the pool: the time taken over the ideal (their sum / blocks)."""
+    durations = [random.Random(seed).uniform(0, 0.05) for seed in range(40)]
+    pool.submit(abs, 0).result()
+    took = timed(lambda: list(pool.map(time.sleep, durations)))
+    return took / max(sum(durations) / blocks, max(durations))
+
+
+# --------------------------------------------------------------------------- engine baselines
+
+
+def docker_run_s(client, image):
+    """One `docker run --rm IMAGE python3 -c pass`."""
+    return timed(lambda: client.containers.run(image, ["python3", "-c", "pass"], remove=True, **QUIET))
+
+
+def docker_exec_s(client, image, runs):
+    container = client.containers.run(image, ["sleep", "600"], detach=True, auto_remove=True, **QUIET)
+    try:
+        container.exec_run(["python3", "-c", "pass"])
+        return timed(lambda: [container.exec_run(["python3", "-c", "pass"]) for _ in range(runs)]) / runs
+    finally:
+        container.kill()
+
+
+def raw_pipe_rates(client, image, size):
+    """MB/s of raw bytes host -> container and container -> host over an attach socket."""
+    sink = "import sys\nwhile sys.stdin.buffer.read(1 << 20): pass"
+    source = f"import os\nview = memoryview(bytes({size}))\nwhile view: view = view[os.write(1, view):]"
+    return _push(client, image, sink, size), _pull(client, image, source, size)
+
+
+def _attached(client, image, code):
+    api = client.api
+    container = api.create_container(
+        image, ["python3", "-c", code], stdin_open=True, host_config=api.create_host_config(auto_remove=True, **QUIET)
+    )
+    attached = api.attach_socket(container, params={"stdin": 1, "stdout": 1, "stream": 1})
+    sock = attached._sock
+    attached.close()
+    sock.settimeout(None)
+    api.start(container)
+    return container, sock
+
+
+def _push(client, image, code, size):
+    container, sock = _attached(client, image, code)
+    data = bytes(size)
+    started = time.perf_counter()
+    sock.sendall(data)
+    sock.shutdown(1)
+    client.api.wait(container)
+    took = time.perf_counter() - started
+    sock.close()
+    return size / MB / took
+
+
+def _pull(client, image, code, size):
+    container, sock = _attached(client, image, code)
+    buffer = bytearray(1 << 20)
+    received = 0
+    started = time.perf_counter()
+    while chunk := sock.recv_into(buffer):
+        received += chunk
+    took = time.perf_counter() - started
+    sock.close()
+    assert received >= size, received
+    return size / MB / took
+
+
+# --------------------------------------------------------------------------- startup and memory
+
+
+class ReadyCounter(logging.Handler):
+    """Notes when each block says it is ready."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+        self.done = threading.Condition()
+
+    def emit(self, record):
+        if "ready in container" in record.getMessage():
+            with self.done:
+                self.times.append(time.perf_counter())
+                self.done.notify_all()
+
+
+def cold_start(image, blocks):
+    """Seconds from the constructor to the first result, and to every block ready."""
+    counter = ReadyCounter()
+    logger = logging.getLogger("minipool")
+    logger.addHandler(counter)
+    logger.setLevel(logging.INFO)
+    try:
+        started = time.perf_counter()
+        pool = ContainerPoolExecutor(image, blocks=blocks)
+        pool.submit(abs, 0).result()
+        first = time.perf_counter() - started
+        with counter.done:
+            counter.done.wait_for(lambda: len(counter.times) == blocks, 120)
+        every = max(counter.times) - started
+        pool.shutdown()
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(logging.NOTSET)
+    return first, every
+
+
+def idle_shutdown_s(image):
+    pool = ContainerPoolExecutor(image, blocks=4)
+    list(pool.map(time.sleep, [0.2] * 4))
+    return timed(pool.shutdown)
+
+
+def peak_rss_mb(image, size):
+    """Peak RSS growth of a fresh process that receives a `size`-byte result."""
+    code = f"""
+        import resource, sys
+        sys.path.insert(0, {ROOT!r})
+        from minipool import ContainerPoolExecutor
+        with ContainerPoolExecutor({image!r}) as pool:
+            pool.submit(abs, 0).result()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            result = pool.submit(bytes, {size}).result()
+            print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, what, ours, baseline_name, baseline, target, higher_is_better, unit):
+        ratio = ours / baseline if baseline else float("nan")
+        if target is None:
+            verdict = ""
+        elif higher_is_better:
+            verdict = "met" if ratio >= target else "MISSED"
+        else:
+            verdict = "met" if ratio <= target else "MISSED"
+        goal = "" if target is None else f"{'>=' if higher_is_better else '<='} {target:g}x"
+        self.rows.append((what, f"{ours:,.1f} {unit}", baseline_name, f"{baseline:,.1f} {unit}", f"{ratio:.2f}x", goal, verdict))
+        print(f"  measured: {what}", file=sys.stderr, flush=True)
+
+    def print(self):
+        headers = ("row", "minipool", "baseline", "baseline value", "ratio", "target", "")
+        widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *self.rows)]
+        line = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
+        print(line.format(*headers))
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in self.rows:
+            print(line.format(*row))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (CI's smoke test)")
+    parser.add_argument("--image", default="app1_v0.1", help="an image with python3 (default: app1_v0.1)")
+    args = parser.parse_args()
+    sizes, image, blocks = Sizes(args.quick), args.image, 2
+    client = docker.from_env()
+    table = Table()
+    print(f"benchmark: {image}, {blocks} blocks against {blocks} processes, {sizes.repeats} repetition(s)", file=sys.stderr)
+
+    with ContainerPoolExecutor(image, blocks=blocks) as ours, cf.ProcessPoolExecutor(blocks) as processes:
+        for what, measure, size, unit, target, higher in [
+            ("no-op round trip", round_trip_us, sizes.round_trips, "us", 0.8, False),
+            (f"no-op throughput, {sizes.outstanding:,} outstanding", throughput, sizes.outstanding, "tasks/s", 2, True),
+            (f"map of {sizes.map_items:,} items, chunksize 1000", map_rate, sizes.map_items, "items/s", 0.5, True),
+        ]:
+            mine = median_of(sizes.repeats, lambda: measure(ours, size))
+            theirs = median_of(sizes.repeats, lambda: measure(processes, size))
+            table.add(what, mine, "ProcessPoolExecutor", theirs, target, higher, unit)
+
+        to_container, from_container = raw_pipe_rates(client, image, sizes.payload)
+        megabytes = sizes.payload // MB
+        table.add(
+            f"{megabytes} MB bytes argument", median_of(sizes.repeats, lambda: argument_rate(ours, sizes.payload)),
+            "raw attach pipe in", to_container, 0.8, True, "MB/s",
+        )
+        table.add(
+            f"{megabytes} MB bytes result", median_of(sizes.repeats, lambda: result_rate(ours, sizes.payload)),
+            "raw attach pipe out", from_container, 0.8, True, "MB/s",
+        )
+        table.add(
+            f"{megabytes} MB argument, vs processes", argument_rate(ours, sizes.payload),
+            "ProcessPoolExecutor", argument_rate(processes, sizes.payload), None, True, "MB/s",
+        )
+
+    per_task_run = median_of(sizes.per_task_runs, lambda: docker_run_s(client, image))
+    with ContainerPoolExecutor(image, blocks=1) as ours:
+        table.add("no-op task, one block", round_trip_us(ours, 200) / 1e6, "docker run --rm per task", per_task_run,
+                  None, False, "s")
+        table.add("no-op task, one block ", round_trip_us(ours, 200) / 1e6, "docker exec per task",
+                  docker_exec_s(client, image, sizes.per_task_runs), None, False, "s")
+
+    for count in sizes.block_counts:
+        first, every = cold_start(image, count)
+        if count == 4:
+            table.add("4 blocks: constructor to first result", first, "docker run --rm", per_task_run, 1.5, False, "s")
+        table.add(f"{count} block(s): constructor to every block ready", every, "docker run --rm", per_task_run,
+                  4 if count == 16 else None, False, "s")
+
+    table.add("shutdown of an idle 4-block pool", median_of(sizes.repeats, lambda: idle_shutdown_s(image)),
+              "target 0.5 s", 0.5, 1, False, "s")
+    result_mb = sizes.big_result // MB
+    table.add(f"host peak RSS growth, {result_mb} MB result", peak_rss_mb(image, sizes.big_result),
+              "the result's size", result_mb, 2.5, False, "MB")
+    with ContainerPoolExecutor(image, blocks=4) as ours:
+        table.add("40 tasks of 0-50 ms on 4 blocks: makespan", makespan_ratio(ours, 4), "ideal makespan", 1.0, 1.2,
+                  False, "x")
+    client.close()
+
+    print(f"\nminipool benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, {'quick' if args.quick else 'full'} run, peak RSS of this process "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB\n")
+    table.print()
+
+
+if __name__ == "__main__":
+    main()
