@@ -492,34 +492,48 @@ class _ExitWatch:
 class _AttachStream:
     """Docker's multiplexed attach stream read as the stub's stdout alone.
 
-    Frames of stderr found on the way go to `on_stderr`.
+    Frames of stderr found on the way go to `on_stderr`. Small reads (frame and
+    message headers, small results) are served from one buffer filled by a single
+    recv; a read as large as the buffer goes straight into the caller's memory.
     """
 
     def __init__(self, sock: socket.socket, on_stderr: Callable[[bytes], None]) -> None:
         self._recv_into = sock.recv_into
         self._on_stderr = on_stderr
         self._header = bytearray(_FRAME_HEADER.size)
-        self._scratch = bytearray(1 << 16)
+        self._buffer = memoryview(bytearray(1 << 16))
+        self._start = self._end = 0  # the unread part of _buffer
         self._stdout_left = 0
 
     def readinto(self, view: memoryview) -> int:
         while not self._stdout_left:
             self._next_frame()
-        count = self._recv_into(view, min(len(view), self._stdout_left))
+        count = self._read(view[: self._stdout_left])
         self._stdout_left -= count
         return count
 
     def _next_frame(self) -> None:
-        _stub.fill(self._recv_into, self._header)
+        _stub.fill(self._read, self._header)
         stream, length = _FRAME_HEADER.unpack(self._header)
         if stream == _STDOUT:
             self._stdout_left = length
             return
         while length:
-            piece = memoryview(self._scratch)[: min(length, len(self._scratch))]
-            _stub.fill(self._recv_into, piece)
+            piece = bytearray(min(length, len(self._buffer)))
+            _stub.fill(self._read, piece)
             self._on_stderr(bytes(piece))
             length -= len(piece)
+
+    def _read(self, view: memoryview) -> int:
+        """Socket bytes into `view`; 0 at the end of the stream."""
+        if self._start == self._end:
+            if len(view) >= len(self._buffer):
+                return self._recv_into(view)
+            self._start, self._end = 0, self._recv_into(self._buffer)
+        count = min(len(view), self._end - self._start)
+        view[:count] = self._buffer[self._start : self._start + count]
+        self._start += count
+        return count
 
 
 class _Container:

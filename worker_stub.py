@@ -16,8 +16,8 @@ Every message is a fixed header (magic, version, kind, task id, payload length)
 followed by the payload: JSON for the handshake, pickles for everything else.
 The protocol's file descriptors are kept private: fd 1 points at stderr and fd 0
 at /dev/null, so neither `print`, a C extension nor a subprocess can corrupt the
-channel. A second thread keeps reading stdin while a task runs, so the container
-ends at once when the host goes away (the engine closes stdin).
+channel. A second thread watches stdin for a hangup while a task runs, so the
+container ends at once when the host goes away (the engine closes stdin).
 
 Standard library only; runs on any CPython >= 3.8. The host also imports this
 module for the protocol's definitions, so the two sides cannot drift apart.
@@ -28,7 +28,7 @@ import functools
 import json
 import os
 import pickle
-import queue
+import select
 import signal
 import struct
 import sys
@@ -204,21 +204,15 @@ def run_task(kind, payload, dumps, hint, max_size):
     return RESULT, data
 
 
-def read_tasks(readinto, tasks):
-    """Queue every task; on STOP, or when the host goes away (stdin closed), end the
-    container now."""
-    try:
-        while True:
-            message = read_message(readinto, sys.maxsize)
-            if message[0] == STOP:
-                break
-            tasks.put(message)
-    except EOFError:
+def watch_for_hangup(fd):
+    """End the container as soon as the host goes away (the engine closes our stdin),
+    even while a task runs. poll() reports the hangup without reading anything, so
+    the main thread alone reads the tasks: no thread hand-off per task."""
+    poller = select.poll()
+    poller.register(fd, select.POLLHUP | getattr(select, "POLLRDHUP", 0))
+    while not poller.poll():
         pass
-    except BaseException:
-        traceback.print_exc()
     sys.stderr.flush()
-    # os._exit: a task still running in the main thread must not delay the exit.
     os._exit(0)
 
 
@@ -259,13 +253,19 @@ def main():
     dumps = serializer(hello["cloudpickle"])
     hint = version_hint(hello["python"])
     max_size = hello["max_message_size"]
-    tasks = queue.SimpleQueue()  # type: queue.SimpleQueue[tuple]
-    threading.Thread(target=read_tasks, args=(readinto, tasks), name="minipool-stub-reader", daemon=True).start()
+    threading.Thread(target=watch_for_hangup, args=(channel_in,), name="minipool-hangup", daemon=True).start()
     while True:
-        kind, task_id, payload = tasks.get()
+        try:
+            kind, task_id, payload = read_message(readinto, sys.maxsize)
+        except EOFError:
+            break
+        if kind == STOP:
+            break
         reply, data = run_task(kind, payload, dumps, hint, max_size)
         del payload
         write_message(writev, reply, task_id, data)
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
