@@ -93,6 +93,9 @@ _worker_logger = logging.getLogger(__name__ + ".worker")
 # spread evenly. (Pipelining several is issue 4's work; task_timeout kills the
 # whole container, so with several in flight the others would be lost too.)
 _TASKS_IN_FLIGHT = 1
+# A task message up to this size is sent by the submitting thread itself when a
+# container is idle (it fits the pipe's buffer, so the send does not block).
+_DIRECT_SEND = 1 << 16
 # Default cap on one message (max_message_size): the host never allocates more
 # than this whatever a header claims, as the payload buffer is allocated (and
 # zeroed) before its bytes arrive.
@@ -675,10 +678,20 @@ class _Pool:
     # -- called by the executor
 
     def submit(self, item: _WorkItem) -> None:
+        """Queue the task; when a container is idle and the message small, the
+        caller's thread sends it at once, sparing a hand-off to the block thread."""
         with self._changed:
             self.check_open()
-            self._pending.append(item)
-            self._changed.notify_all()
+            container = None
+            if not self._pending and len(item.payload) <= _DIRECT_SEND:
+                container = next((c for c in self._containers if self._has_room(c)), None)
+            task_id = self._assign(container, item) if container is not None else None
+            if task_id is None:
+                self._pending.append(item)
+            if task_id is None or item.deadline is not None:  # a deadline to watch
+                self._changed.notify_all()
+        if container is not None and task_id is not None:
+            self._send(container, task_id, item)
 
     def check_open(self) -> None:
         """Raise what submit must raise when the pool takes no more work."""
@@ -912,14 +925,16 @@ class _Pool:
     def _feed(self, container: _Container) -> None:
         """Send tasks to the container until it is lost, timed out, worn out or the pool closes."""
         while (task := self._next_task(container)) is not None:
-            task_id, item = task
-            try:
-                container.send(item.kind, task_id, item.payload)
-            except OSError as exc:
-                # The container is gone: its reader fails this task with WorkerLost.
-                _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
+            self._send(container, *task)
         if container.expired:
             self._time_out(container)
+
+    def _send(self, container: _Container, task_id: int, item: _WorkItem) -> None:
+        try:
+            container.send(item.kind, task_id, item.payload)
+        except OSError as exc:
+            # The container is gone: its reader fails this task with WorkerLost.
+            _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
 
     def _time_out(self, container: _Container) -> None:
         """Kill the container whose task ran out of time, then fail that task."""
@@ -938,37 +953,48 @@ class _Pool:
 
     def _next_task(self, container: _Container) -> tuple[int, _WorkItem] | None:
         """Wait for a task the container has room for; None when it should stop."""
-        limit = self._settings.max_tasks_per_block
         with self._changed:
             while True:
-                now = time.monotonic()
-                if container.lost or container.expire(now):
-                    return None
-                worn_out = limit is not None and container.sent >= limit
-                room = len(container.in_flight) < _TASKS_IN_FLIGHT and not worn_out
-                if self._broken is None and self._pending and room:
-                    task = self._take_task(container, now)
-                    if task is not None:
-                        return task
+                if self._pending and self._has_room(container):
+                    task_id = self._assign(container, self._pending.popleft())
+                    if task_id is not None:
+                        return task_id, container.in_flight[task_id]
                     continue
-                if (worn_out or self._closing()) and not container.in_flight:
+                if container.lost or container.expire(time.monotonic()) or (
+                    (self._worn_out(container) or self._closing()) and not container.in_flight
+                ):
+                    # No more tasks for it, from its block or from submit().
+                    self._containers.discard(container)
                     return None
                 deadlines = [item.deadline for item in container.in_flight.values() if item.deadline is not None]
-                self._changed.wait(min(deadlines) - now if deadlines else None)
+                self._changed.wait(min(deadlines) - time.monotonic() if deadlines else None)
 
-    def _take_task(self, container: _Container, now: float) -> tuple[int, _WorkItem] | None:
-        """Move the next pending task into the container's flight (under the lock);
+    def _worn_out(self, container: _Container) -> bool:
+        limit = self._settings.max_tasks_per_block
+        return limit is not None and container.sent >= limit
+
+    def _has_room(self, container: _Container) -> bool:
+        """Whether the container may take a task now (under the lock)."""
+        return (
+            self._broken is None
+            and not container.lost
+            and not container.expired
+            and len(container.in_flight) < _TASKS_IN_FLIGHT
+            and not self._worn_out(container)
+        )
+
+    def _assign(self, container: _Container, item: _WorkItem) -> int | None:
+        """Put the task in the container's flight (under the lock); its task id, or
         None if it was cancelled meanwhile."""
-        item = self._pending.popleft()
         # A retried task is running already.
         if not item.attempts and not item.future.set_running_or_notify_cancel():
             return None
         if self._settings.task_timeout is not None:
-            item.deadline = now + self._settings.task_timeout
+            item.deadline = time.monotonic() + self._settings.task_timeout
         task_id = next(self._task_ids)
         container.in_flight[task_id] = item
         container.sent += 1
-        return task_id, item
+        return task_id
 
     def _stop_container(self, container: _Container) -> None:
         """Tell the stub to exit, and wait until the container is removed.
@@ -979,7 +1005,7 @@ class _Pool:
         reader = container.reader
         assert reader is not None
         with self._changed:
-            self._containers.discard(container)
+            self._containers.discard(container)  # already, unless its block failed
         with contextlib.suppress(OSError):
             container.send(_stub.STOP, 0, b"")
         reader.join(_EXIT_GRACE)
