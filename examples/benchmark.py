@@ -11,11 +11,13 @@ none, each way. Each figure is the median of several repetitions (one with
 
 import argparse
 import concurrent.futures as cf
+import functools
 import logging
 import os
 import platform
 import random
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -115,14 +117,31 @@ def docker_exec_s(client, image, runs):
         container.kill()
 
 
+# Both ends of the raw pipe say "ready" (one byte) before the clock starts, so the
+# container's own start is not counted.
+SINK = """import os, sys
+os.write(1, b"r")
+left = {size}
+while left:
+    left -= len(os.read(0, min(left, 1 << 20)))
+os.write(1, b"d")
+"""
+SOURCE = """import os
+view = memoryview(bytes({size}))
+os.write(1, b"r")
+os.read(0, 1)
+while view:
+    view = view[os.write(1, view):]
+"""
+
+
 def raw_pipe_rates(client, image, size):
     """MB/s of raw bytes host -> container and container -> host over an attach socket."""
-    sink = "import sys\nwhile sys.stdin.buffer.read(1 << 20): pass"
-    source = f"import os\nview = memoryview(bytes({size}))\nwhile view: view = view[os.write(1, view):]"
-    return _push(client, image, sink, size), _pull(client, image, source, size)
+    return _push(client, image, size), _pull(client, image, size)
 
 
 def _attached(client, image, code):
+    """A started container running `code`, and the raw socket of its attached stdio."""
     api = client.api
     container = api.create_container(
         image, ["python3", "-c", code], stdin_open=True, host_config=api.create_host_config(auto_remove=True, **QUIET)
@@ -132,31 +151,40 @@ def _attached(client, image, code):
     attached.close()
     sock.settimeout(None)
     api.start(container)
-    return container, sock
+    return sock
 
 
-def _push(client, image, code, size):
-    container, sock = _attached(client, image, code)
-    data = bytes(size)
+def _receive(sock, size):
+    """`size` bytes of the container's stdout (Docker's 8-byte frame headers skipped)."""
+    buffer = bytearray(1 << 20)
+    left = size
+    while left:
+        header = sock.recv(8, socket.MSG_WAITALL)
+        length = int.from_bytes(header[4:], "big")
+        left -= length
+        while length:
+            length -= sock.recv_into(buffer, min(length, len(buffer)))
+
+
+def _push(client, image, size):
+    sock = _attached(client, image, SINK.format(size=size))
+    _receive(sock, 1)
     started = time.perf_counter()
-    sock.sendall(data)
-    sock.shutdown(1)
-    client.api.wait(container)
+    sock.sendall(bytes(size))
+    _receive(sock, 1)
     took = time.perf_counter() - started
     sock.close()
     return size / MB / took
 
 
-def _pull(client, image, code, size):
-    container, sock = _attached(client, image, code)
-    buffer = bytearray(1 << 20)
-    received = 0
+def _pull(client, image, size):
+    sock = _attached(client, image, SOURCE.format(size=size))
+    _receive(sock, 1)
     started = time.perf_counter()
-    while chunk := sock.recv_into(buffer):
-        received += chunk
+    sock.sendall(b"g")
+    _receive(sock, size)
     took = time.perf_counter() - started
     sock.close()
-    assert received >= size, received
     return size / MB / took
 
 
@@ -224,6 +252,10 @@ def peak_rss_mb(image, size):
 # --------------------------------------------------------------------------- the table
 
 
+def _number(value):
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 class Table:
     def __init__(self):
         self.rows = []
@@ -237,7 +269,8 @@ class Table:
         else:
             verdict = "met" if ratio <= target else "MISSED"
         goal = "" if target is None else f"{'>=' if higher_is_better else '<='} {target:g}x"
-        self.rows.append((what, f"{ours:,.1f} {unit}", baseline_name, f"{baseline:,.1f} {unit}", f"{ratio:.2f}x", goal, verdict))
+        self.rows.append((what, f"{_number(ours)} {unit}", baseline_name, f"{_number(baseline)} {unit}",
+                          f"{ratio:.2f}x", goal, verdict))
         print(f"  measured: {what}", file=sys.stderr, flush=True)
 
     def print(self):
@@ -258,7 +291,8 @@ def main():
     sizes, image, blocks = Sizes(args.quick), args.image, 2
     client = docker.from_env()
     table = Table()
-    print(f"benchmark: {image}, {blocks} blocks against {blocks} processes, {sizes.repeats} repetition(s)", file=sys.stderr)
+    print(f"benchmark: {image}, {blocks} blocks against {blocks} processes, {sizes.repeats} repetition(s)",
+          file=sys.stderr)
 
     with ContainerPoolExecutor(image, blocks=blocks) as ours, cf.ProcessPoolExecutor(blocks) as processes:
         for what, measure, size, unit, target, higher in [
@@ -266,8 +300,8 @@ def main():
             (f"no-op throughput, {sizes.outstanding:,} outstanding", throughput, sizes.outstanding, "tasks/s", 2, True),
             (f"map of {sizes.map_items:,} items, chunksize 1000", map_rate, sizes.map_items, "items/s", 0.5, True),
         ]:
-            mine = median_of(sizes.repeats, lambda: measure(ours, size))
-            theirs = median_of(sizes.repeats, lambda: measure(processes, size))
+            mine = median_of(sizes.repeats, functools.partial(measure, ours, size))
+            theirs = median_of(sizes.repeats, functools.partial(measure, processes, size))
             table.add(what, mine, "ProcessPoolExecutor", theirs, target, higher, unit)
 
         to_container, from_container = raw_pipe_rates(client, image, sizes.payload)
@@ -285,22 +319,22 @@ def main():
             "ProcessPoolExecutor", argument_rate(processes, sizes.payload), None, True, "MB/s",
         )
 
-    per_task_run = median_of(sizes.per_task_runs, lambda: docker_run_s(client, image))
+    per_task_run = median_of(sizes.per_task_runs, lambda: docker_run_s(client, image)) * 1e3
+    per_task_exec = docker_exec_s(client, image, sizes.per_task_runs) * 1e3
     with ContainerPoolExecutor(image, blocks=1) as ours:
-        table.add("no-op task, one block", round_trip_us(ours, 200) / 1e6, "docker run --rm per task", per_task_run,
-                  None, False, "s")
-        table.add("no-op task, one block ", round_trip_us(ours, 200) / 1e6, "docker exec per task",
-                  docker_exec_s(client, image, sizes.per_task_runs), None, False, "s")
+        per_task_ours = round_trip_us(ours, 200) / 1e3
+    table.add("no-op task on one block", per_task_ours, "docker run --rm per task", per_task_run, None, False, "ms")
+    table.add("no-op task on one block", per_task_ours, "docker exec per task", per_task_exec, None, False, "ms")
 
     for count in sizes.block_counts:
-        first, every = cold_start(image, count)
+        first, every = (seconds * 1e3 for seconds in cold_start(image, count))
         if count == 4:
-            table.add("4 blocks: constructor to first result", first, "docker run --rm", per_task_run, 1.5, False, "s")
+            table.add("4 blocks: constructor to first result", first, "docker run --rm", per_task_run, 1.5, False, "ms")
         table.add(f"{count} block(s): constructor to every block ready", every, "docker run --rm", per_task_run,
-                  4 if count == 16 else None, False, "s")
+                  4 if count == 16 else None, False, "ms")
 
-    table.add("shutdown of an idle 4-block pool", median_of(sizes.repeats, lambda: idle_shutdown_s(image)),
-              "target 0.5 s", 0.5, 1, False, "s")
+    table.add("shutdown of an idle 4-block pool", median_of(sizes.repeats, lambda: idle_shutdown_s(image)) * 1e3,
+              "target", 500, 1, False, "ms")
     result_mb = sizes.big_result // MB
     table.add(f"host peak RSS growth, {result_mb} MB result", peak_rss_mb(image, sizes.big_result),
               "the result's size", result_mb, 2.5, False, "MB")
