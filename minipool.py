@@ -89,10 +89,12 @@ __version__ = "0.1.0"
 _logger = logging.getLogger(__name__)
 _worker_logger = logging.getLogger(__name__ + ".worker")
 
-# One task in flight per block: a free block takes the next task, so long tasks
-# spread evenly. (Pipelining several is issue 4's work; task_timeout kills the
-# whole container, so with several in flight the others would be lost too.)
-_TASKS_IN_FLIGHT = 1
+# Pipelining: a container is sent more tasks while it runs one, as many as it
+# would finish in this much time (judged from its recent pace), so short tasks
+# stream without a round trip each while long ones still go one at a time to
+# whichever block is free, and balance.
+_PIPELINE_SECONDS = 0.002
+_MAX_IN_FLIGHT = 64
 # A task message up to this size is sent by the submitting thread itself when a
 # container is idle (it fits the pipe's buffer, so the send does not block).
 _DIRECT_SEND = 1 << 16
@@ -197,12 +199,15 @@ class _RemoteTraceback(Exception):
 
 
 class _WorkItem:
-    __slots__ = ("attempts", "deadline", "future", "kind", "payload")
+    __slots__ = ("attempts", "deadline", "future", "kind", "order", "payload", "running", "sent_at")
 
     def __init__(self, future: Future, kind: int, payload: bytes) -> None:
         self.future = future
         self.kind = kind
         self.payload = payload
+        self.running = False  # its future is RUNNING: it was taken by a container once
+        self.sent_at = 0.0
+        self.order = 0  # its place in the container's stdin; the stub runs tasks in that order
         self.deadline: float | None = None  # when task_timeout runs out, once sent
         self.attempts: list[WorkerLost] = []  # earlier containers lost while running it
 
@@ -240,13 +245,10 @@ def _chunks(iterables: Sequence[Iterable], size: int) -> Iterator[list]:
         yield chunk
 
 
-def _drop_queued(item: _WorkItem) -> None:
+def _cancel_queued(item: _WorkItem) -> None:
     """Cancel queued work so that wait() and as_completed() see it done (a bare
-    Future.cancel() leaves it invisible to them, as CPython's pools do). A lost task
-    waiting to run again has run already: it fails with its WorkerLost."""
-    if item.attempts:
-        item.future.set_exception(item.attempts[-1].after(item.attempts[:-1]))
-    elif item.future.cancel():
+    Future.cancel() leaves it invisible to them, as CPython's pools do)."""
+    if item.future.cancel():
         item.future.set_running_or_notify_cancel()
 
 
@@ -552,6 +554,12 @@ class _Container:
         self._partial_line = b""
         self._log_left = _LOG_BUDGET
         self._log_dropped = 0
+        self._send_lock = threading.Lock()  # the block thread and submit() both send
+        self._sends = itertools.count()
+        # Seconds a task takes here, a moving average. It starts slow (one task in
+        # flight) and speeds up after a few quick tasks.
+        self.pace = _PIPELINE_SECONDS * 10
+        self.last_done = 0.0
         # Owned by the pool's lock:
         self.in_flight: dict[int, _WorkItem] = {}
         self.sent = 0  # tasks sent, for max_tasks_per_block
@@ -596,7 +604,28 @@ class _Container:
             self._log_stderr(b"\n")
 
     def send(self, kind: int, task_id: int, payload: bytes) -> None:
-        _stub.write_message(self.writev, kind, task_id, payload)
+        with self._send_lock:
+            _stub.write_message(self.writev, kind, task_id, payload)
+
+    def send_tasks(self, tasks: list[tuple[int, _WorkItem]]) -> None:
+        """Write the tasks in one go, noting the order in which the stub gets them."""
+        parts = []
+        for task_id, item in tasks:
+            parts += [_stub.pack_header(item.kind, task_id, len(item.payload)), item.payload]
+        with self._send_lock:
+            for _, item in tasks:
+                item.order = next(self._sends)
+            _stub.send_parts(self.writev, parts)
+
+    def depth(self) -> int:
+        """How many tasks to keep in flight here, from the pace of the last ones."""
+        return min(_MAX_IN_FLIGHT, 1 + int(_PIPELINE_SECONDS / max(self.pace, 1e-6)))
+
+    def note_done(self, item: _WorkItem) -> None:
+        """Update the pace: a task ran from when it was sent or the previous one ended."""
+        now = time.monotonic()
+        self.pace += (now - max(item.sent_at, self.last_done) - self.pace) / 5
+        self.last_done = now
 
     def receive(self, max_size: int) -> tuple[int, int, bytearray]:
         return _stub.read_message(self.stream.readinto, max_size)
@@ -684,14 +713,15 @@ class _Pool:
             self.check_open()
             container = None
             if not self._pending and len(item.payload) <= _DIRECT_SEND:
-                container = next((c for c in self._containers if self._has_room(c)), None)
+                idle = (c for c in self._containers if not c.in_flight and self._has_room(c))
+                container = next(idle, None)
             task_id = self._assign(container, item) if container is not None else None
             if task_id is None:
                 self._pending.append(item)
             if task_id is None or item.deadline is not None:  # a deadline to watch
                 self._changed.notify_all()
         if container is not None and task_id is not None:
-            self._send(container, task_id, item)
+            self._send(container, [(task_id, item)])
 
     def check_open(self) -> None:
         """Raise what submit must raise when the pool takes no more work."""
@@ -704,14 +734,16 @@ class _Pool:
                 raise RuntimeError("cannot schedule new futures after shutdown")
 
     def shutdown(self, cancel_futures: bool = False) -> None:
+        """Take no more work; with cancel_futures, cancel what waits and has never run
+        (a task back in the queue after its container died is running: it stays)."""
         with self._changed:
             self._shutdown = True
-            cancelled = list(self._pending) if cancel_futures else []
+            cancelled = [item for item in self._pending if not item.running] if cancel_futures else []
             if cancel_futures:
-                self._pending.clear()
+                self._pending = collections.deque(item for item in self._pending if item.running)
             self._changed.notify_all()
         for item in cancelled:
-            _drop_queued(item)
+            _cancel_queued(item)
 
     def stop_containers(self, how: signal.Signals, caller: str) -> None:
         """terminate_workers() and kill_workers(): cancel queued work, signal every
@@ -719,8 +751,16 @@ class _Pool:
         error = BrokenContainerPool(f"the pool's containers were stopped with {how.name} by {caller}()")
         with self._changed:
             self._broken = self._broken or error
+            self._shutdown = True
             containers = list(self._containers)
-        self.shutdown(cancel_futures=True)
+            queued = list(self._pending)
+            self._pending.clear()
+            self._changed.notify_all()
+        for item in queued:
+            if item.running:
+                item.future.set_exception(error)
+            else:
+                _cancel_queued(item)
         for container in containers:
             with contextlib.suppress(docker.errors.DockerException, OSError):
                 self._client.api.kill(container.id, signal=how.name)
@@ -757,7 +797,7 @@ class _Pool:
             self._pending.clear()
             self._changed.notify_all()
         for item in waiting:
-            if item.attempts or item.future.set_running_or_notify_cancel():
+            if item.running or item.future.set_running_or_notify_cancel():
                 item.future.set_exception(error)
 
     def _block_finished(self) -> None:
@@ -924,14 +964,14 @@ class _Pool:
 
     def _feed(self, container: _Container) -> None:
         """Send tasks to the container until it is lost, timed out, worn out or the pool closes."""
-        while (task := self._next_task(container)) is not None:
-            self._send(container, *task)
+        while tasks := self._next_tasks(container):
+            self._send(container, tasks)
         if container.expired:
             self._time_out(container)
 
-    def _send(self, container: _Container, task_id: int, item: _WorkItem) -> None:
+    def _send(self, container: _Container, tasks: list[tuple[int, _WorkItem]]) -> None:
         try:
-            container.send(item.kind, task_id, item.payload)
+            container.send_tasks(tasks)
         except OSError as exc:
             # The container is gone: its reader fails this task with WorkerLost.
             _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
@@ -951,21 +991,23 @@ class _Pool:
                 )
             )
 
-    def _next_task(self, container: _Container) -> tuple[int, _WorkItem] | None:
-        """Wait for a task the container has room for; None when it should stop."""
+    def _next_tasks(self, container: _Container) -> list[tuple[int, _WorkItem]]:
+        """Wait for tasks the container has room for (as many as fit); [] when it should stop."""
         with self._changed:
             while True:
-                if self._pending and self._has_room(container):
+                tasks = []
+                while self._pending and self._has_room(container):
                     task_id = self._assign(container, self._pending.popleft())
                     if task_id is not None:
-                        return task_id, container.in_flight[task_id]
-                    continue
+                        tasks.append((task_id, container.in_flight[task_id]))
+                if tasks:
+                    return tasks
                 if container.lost or container.expire(time.monotonic()) or (
                     (self._worn_out(container) or self._closing()) and not container.in_flight
                 ):
                     # No more tasks for it, from its block or from submit().
                     self._containers.discard(container)
-                    return None
+                    return []
                 deadlines = [item.deadline for item in container.in_flight.values() if item.deadline is not None]
                 self._changed.wait(min(deadlines) - time.monotonic() if deadlines else None)
 
@@ -979,18 +1021,24 @@ class _Pool:
             self._broken is None
             and not container.lost
             and not container.expired
-            and len(container.in_flight) < _TASKS_IN_FLIGHT
+            and len(container.in_flight) < self._depth(container)
             and not self._worn_out(container)
         )
+
+    def _depth(self, container: _Container) -> int:
+        # task_timeout kills the whole container: tasks queued behind the late one
+        # would be lost with it, so with a timeout there is one task in flight.
+        return 1 if self._settings.task_timeout is not None else container.depth()
 
     def _assign(self, container: _Container, item: _WorkItem) -> int | None:
         """Put the task in the container's flight (under the lock); its task id, or
         None if it was cancelled meanwhile."""
-        # A retried task is running already.
-        if not item.attempts and not item.future.set_running_or_notify_cancel():
+        if not item.running and not item.future.set_running_or_notify_cancel():
             return None
+        item.running = True
+        item.sent_at = time.monotonic()
         if self._settings.task_timeout is not None:
-            item.deadline = time.monotonic() + self._settings.task_timeout
+            item.deadline = item.sent_at + self._settings.task_timeout
         task_id = next(self._task_ids)
         container.in_flight[task_id] = item
         container.sent += 1
@@ -1040,8 +1088,13 @@ class _Pool:
             # Whatever ended the stream, the block thread must learn it and no future may hang.
             with self._changed:
                 container.lost = True
-                orphans = list(container.in_flight.values())
+                orphans = sorted(container.in_flight.values(), key=lambda item: item.order)
                 container.in_flight.clear()
+                if self._broken is None and len(orphans) > 1:
+                    # The stub runs tasks in the order it got them: only the first had
+                    # started. The others go back to the front of the queue, unharmed.
+                    self._pending.extendleft(reversed(orphans[1:]))
+                    del orphans[1:]
                 self._changed.notify_all()
             _logger.debug("pool %s: stream of container %s ended", self._label, container.short_id)
             if orphans:
@@ -1061,6 +1114,7 @@ class _Pool:
                 continue  # the answer of a task that had just run out of time
             if item is None:
                 raise ValueError(f"a result for task {task_id}, which is not running there")
+            container.note_done(item)
             container.task_done()
             _settle(item.future, kind, payload)
 

@@ -299,3 +299,15 @@ def test_soak_50000_tasks_with_one_percent_killing_their_container(make_pool):
 def test_python_that_is_not_python_is_refused(label):
     with pytest.raises(ValueError, match="python"):
         ContainerPoolExecutor(APP1, python="   ", label=label)
+
+
+def test_tasks_queued_behind_a_crash_in_the_pipeline_run_unharmed(make_pool):
+    """Quick tasks are pipelined; when one kills its container, only it fails."""
+    pool = make_pool()
+    assert list(pool.map(helpers.double, range(300))) == [2 * i for i in range(300)]  # pace: fast
+    futures = [pool.submit(helpers.double, i) for i in range(20)]
+    killer = pool.submit(helpers.kill_self)
+    futures += [pool.submit(helpers.double, i) for i in range(20, 40)]
+    with pytest.raises(WorkerLost):
+        killer.result(DEADLOCK)
+    assert [f.result(DEADLOCK) for f in futures] == [2 * i for i in range(40)]
