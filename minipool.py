@@ -98,6 +98,8 @@ _MAX_IN_FLIGHT = 64
 # A task message up to this size is sent by the submitting thread itself when a
 # container is idle (it fits the pipe's buffer, so the send does not block).
 _DIRECT_SEND = 1 << 16
+# A read of the attach stream at least this large skips the stream's buffer.
+_DIRECT_READ = 1 << 12
 # Default cap on one message (max_message_size): the host never allocates more
 # than this whatever a header claims, as the payload buffer is allocated (and
 # zeroed) before its bytes arrive.
@@ -115,6 +117,8 @@ _PIDS_LIMIT = 4096
 _EXIT_EVENT_WAIT = 5.0
 # How long a stub may take to exit after STOP before its container is removed by force.
 _EXIT_GRACE = 10.0
+# How long the other blocks wait for the first one to be ready before starting.
+_FIRST_BLOCK_HEAD_START = 1.0
 # A replacement container that fails to start is tried this many times, a second
 # apart, before the pool is declared broken: the engine may have hiccuped.
 _REPLACEMENT_TRIES = 3
@@ -499,7 +503,7 @@ class _AttachStream:
 
     Frames of stderr found on the way go to `on_stderr`. Small reads (frame and
     message headers, small results) are served from one buffer filled by a single
-    recv; a read as large as the buffer goes straight into the caller's memory.
+    recv; larger ones go straight into the caller's memory.
     """
 
     def __init__(self, sock: socket.socket, on_stderr: Callable[[bytes], None]) -> None:
@@ -532,7 +536,7 @@ class _AttachStream:
     def _read(self, view: memoryview) -> int:
         """Socket bytes into `view`; 0 at the end of the stream."""
         if self._start == self._end:
-            if len(view) >= len(self._buffer):
+            if len(view) >= _DIRECT_READ:
                 return self._recv_into(view)
             self._start, self._end = 0, self._recv_into(self._buffer)
         count = min(len(view), self._end - self._start)
@@ -831,6 +835,10 @@ class _Pool:
         lost, timed out or worn out (max_tasks_per_block)."""
         try:
             with self._changed:
+                # The first block starts alone, so that the first result does not wait
+                # for every container of the pool to be ready on a busy engine.
+                if index > 0:
+                    self._changed.wait_for(lambda: self._containers or self._closing(), _FIRST_BLOCK_HEAD_START)
                 if self._closing():
                     return
             started = time.monotonic()
@@ -916,6 +924,7 @@ class _Pool:
         self._readers.add(container.reader)
         with self._changed:
             self._containers.add(container)
+            self._changed.notify_all()
         container.reader.start()
         return container
 

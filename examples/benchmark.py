@@ -95,7 +95,7 @@ def result_rate(pool, size):
 def makespan_ratio(pool, blocks):
     """40 tasks of 0-50 ms on the pool: the time taken over the ideal (their sum / blocks)."""
     durations = [random.Random(seed).uniform(0, 0.05) for seed in range(40)]
-    pool.submit(abs, 0).result()
+    list(pool.map(time.sleep, [0.3] * blocks))  # every block up and warm
     took = timed(lambda: list(pool.map(time.sleep, durations)))
     return took / max(sum(durations) / blocks, max(durations))
 
@@ -106,6 +106,15 @@ def makespan_ratio(pool, blocks):
 def docker_run_s(client, image):
     """One `docker run --rm IMAGE python3 -c pass`."""
     return timed(lambda: client.containers.run(image, ["python3", "-c", "pass"], remove=True, **QUIET))
+
+
+def concurrent_docker_runs_s(image, count):
+    """`count` x `docker run --rm IMAGE python3 -c pass` at once: what the engine itself takes."""
+    client = docker.from_env(max_pool_size=count + 2)
+    with cf.ThreadPoolExecutor(count) as threads:
+        took = timed(lambda: list(threads.map(lambda _: docker_run_s(client, image), range(count))))
+    client.close()
+    return took
 
 
 def docker_exec_s(client, image, runs):
@@ -332,6 +341,9 @@ def main():
             table.add("4 blocks: constructor to first result", first, "docker run --rm", per_task_run, 1.5, False, "ms")
         table.add(f"{count} block(s): constructor to every block ready", every, "docker run --rm", per_task_run,
                   4 if count == 16 else None, False, "ms")
+        if count > 1:
+            table.add(f"{count} block(s): constructor to every block ready", every,
+                      f"{count} x docker run at once", concurrent_docker_runs_s(image, count) * 1e3, None, False, "ms")
 
     table.add("shutdown of an idle 4-block pool", median_of(sizes.repeats, lambda: idle_shutdown_s(image)) * 1e3,
               "target", 500, 1, False, "ms")
