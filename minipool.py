@@ -37,6 +37,7 @@ import io
 import itertools
 import json
 import logging
+import mmap
 import os
 import pickle
 import signal
@@ -291,7 +292,7 @@ def _pickle_call(call: tuple, max_size: int) -> bytes:
     return payload
 
 
-def _remote_exception(payload: bytes | bytearray) -> BaseException:
+def _remote_exception(payload: bytearray | mmap.mmap) -> BaseException:
     """Rebuild a task's exception, with the container's traceback as its cause."""
     type_name, message, text, pickled = pickle.loads(payload)
     error: BaseException | None = None
@@ -304,7 +305,7 @@ def _remote_exception(payload: bytes | bytearray) -> BaseException:
     return error
 
 
-def _settle(future: Future, kind: int, payload: bytearray) -> None:
+def _settle(future: Future, kind: int, payload: bytearray | mmap.mmap) -> None:
     """Complete the future from a RESULT or RAISED message; never raises."""
     try:
         if kind == _stub.RAISED:
@@ -631,7 +632,7 @@ class _Container:
         self.pace += (now - max(item.sent_at, self.last_done) - self.pace) / 5
         self.last_done = now
 
-    def receive(self, max_size: int) -> tuple[int, int, bytearray]:
+    def receive(self, max_size: int) -> tuple[int, int, bytearray | mmap.mmap]:
         return _stub.read_message(self.stream.readinto, max_size)
 
     def expire(self, now: float) -> bool:
@@ -649,7 +650,7 @@ class _Container:
         self.sock.settimeout(None)
         if kind != _stub.READY:
             raise ValueError(f"expected READY, got message kind {kind}")
-        return json.loads(payload.decode())
+        return json.loads(bytes(payload))
 
 
 # Attach sockets of every live container, closed in a forked child: a child that
