@@ -204,12 +204,13 @@ class _RemoteTraceback(Exception):
 
 
 class _WorkItem:
-    __slots__ = ("attempts", "deadline", "future", "kind", "order", "payload", "running", "sent_at")
+    __slots__ = ("attempts", "deadline", "future", "kind", "order", "parts", "running", "sent_at", "size")
 
-    def __init__(self, future: Future, kind: int, payload: bytes) -> None:
+    def __init__(self, future: Future, kind: int, parts: list, size: int) -> None:
         self.future = future
         self.kind = kind
-        self.payload = payload
+        self.parts = parts  # the pickled call, as the buffers the pickler wrote
+        self.size = size
         self.running = False  # its future is RUNNING: it was taken by a container once
         self.sent_at = 0.0
         self.order = 0  # its place in the container's stdin; the stub runs tasks in that order
@@ -272,24 +273,20 @@ class _ImportablePickler(pickle.Pickler):
         return NotImplemented
 
 
-def _dumps_importable(obj: Any, protocol: int) -> bytes:
-    buffer = io.BytesIO()
-    _ImportablePickler(buffer, protocol).dump(obj)
-    return buffer.getvalue()
+_Pickler: type = cloudpickle.Pickler if cloudpickle is not None else _ImportablePickler
 
 
-_dumps: Callable[..., bytes] = cloudpickle.dumps if cloudpickle is not None else _dumps_importable
-
-
-def _pickle_call(call: tuple, max_size: int) -> bytes:
+def _pickle_call(call: tuple, max_size: int) -> tuple[list, int]:
+    """The call pickled into parts (a large argument is not copied), and their size."""
     name = getattr(call[0], "__qualname__", type(call[0]).__qualname__)
     try:
-        payload = _dumps(call, protocol=_stub.PICKLE_PROTOCOL)
+        parts = _stub.pickle_parts(_Pickler, call)
     except Exception as exc:
         raise TypeError(f"cannot send the call to {name} to a container: {exc}") from exc
-    if len(payload) > max_size:
-        raise ValueError(f"the call to {name} pickles to {len(payload)} bytes, over max_message_size={max_size}")
-    return payload
+    size = sum(memoryview(part).nbytes for part in parts)
+    if size > max_size:
+        raise ValueError(f"the call to {name} pickles to {size} bytes, over max_message_size={max_size}")
+    return parts, size
 
 
 def _remote_exception(payload: bytearray | mmap.mmap) -> BaseException:
@@ -610,13 +607,13 @@ class _Container:
 
     def send(self, kind: int, task_id: int, payload: bytes) -> None:
         with self._send_lock:
-            _stub.write_message(self.writev, kind, task_id, payload)
+            _stub.write_message(self.writev, kind, task_id, [payload])
 
     def send_tasks(self, tasks: list[tuple[int, _WorkItem]]) -> None:
         """Write the tasks in one go, noting the order in which the stub gets them."""
         parts = []
         for task_id, item in tasks:
-            parts += [_stub.pack_header(item.kind, task_id, len(item.payload)), item.payload]
+            parts += [_stub.pack_header(item.kind, task_id, item.size), *item.parts]
         with self._send_lock:
             for _, item in tasks:
                 item.order = next(self._sends)
@@ -717,7 +714,7 @@ class _Pool:
         with self._changed:
             self.check_open()
             container = None
-            if not self._pending and len(item.payload) <= _DIRECT_SEND:
+            if not self._pending and item.size <= _DIRECT_SEND:
                 idle = (c for c in self._containers if not c.in_flight and self._has_room(c))
                 container = next(idle, None)
             task_id = self._assign(container, item) if container is not None else None
@@ -1371,13 +1368,13 @@ class ContainerPoolExecutor(Executor):
     def _submit(self, kind: int, call: tuple) -> Future:
         future: Future = Future()
         try:
-            payload = _pickle_call(call, self._max_message_size)
+            parts, size = _pickle_call(call, self._max_message_size)
         except (TypeError, ValueError) as exc:
             # Like ProcessPoolExecutor: the future fails, the pool goes on.
             self._pool.check_open()
             future.set_exception(exc)
             return future
-        self._pool.submit(_WorkItem(future, kind, payload))
+        self._pool.submit(_WorkItem(future, kind, parts, size))
         return future
 
     def map(

@@ -135,8 +135,24 @@ def send_parts(writev, parts):
             views[0] = views[0][sent:]
 
 
-def write_message(writev, kind, task_id, payload):
-    send_parts(writev, [pack_header(kind, task_id, len(payload)), payload])
+def write_message(writev, kind, task_id, parts):
+    """Write one message whose payload is the buffers in `parts`, joined by the kernel."""
+    size = sum(memoryview(part).nbytes for part in parts)
+    send_parts(writev, [pack_header(kind, task_id, size), *parts])
+
+
+class Parts(list):
+    """What a pickler wrote, write by write. A pickler hands a large bytes-like object
+    to write() whole, so it travels as it is instead of being copied into the pickle."""
+
+    write = list.append
+
+
+def pickle_parts(pickler, obj):
+    """Pickle `obj` with the pickler class into a list of buffers."""
+    parts = Parts()
+    pickler(parts, protocol=PICKLE_PROTOCOL).dump(obj)
+    return parts
 
 
 # --------------------------------------------------------------------------- the worker
@@ -156,20 +172,21 @@ def private_channel():
 
 
 def serializer(use_cloudpickle):
-    """cloudpickle when the host shipped it: results and exceptions whose classes came
-    by value from the caller's __main__ go back as the caller's own classes."""
+    """A function pickling into parts: with cloudpickle when the host shipped it, so
+    results and exceptions whose classes came by value from the caller's __main__ go
+    back as the caller's own classes."""
     if not use_cloudpickle:
-        return pickle.dumps
+        return functools.partial(pickle_parts, pickle.Pickler)
     import cloudpickle
 
-    return cloudpickle.dumps
+    return functools.partial(pickle_parts, cloudpickle.Pickler)
 
 
 def describe_exception(exc, dumps):
     """RAISED payload: readable fields always, the exception itself when it pickles."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        pickled = dumps(exc, protocol=PICKLE_PROTOCOL)
+        pickled = b"".join(dumps(exc))
     except BaseException:
         pickled = None
     name = "%s.%s" % (type(exc).__module__, type(exc).__qualname__)
@@ -177,11 +194,11 @@ def describe_exception(exc, dumps):
         message = str(exc)
     except BaseException:
         message = "<str() of the exception failed>"
-    return pickle.dumps((name, message, text, pickled), protocol=PICKLE_PROTOCOL)
+    return [pickle.dumps((name, message, text, pickled), protocol=PICKLE_PROTOCOL)]
 
 
 def run_task(kind, payload, dumps, hint, max_size):
-    """Run one CALL or CHUNK; return (RESULT or RAISED, payload)."""
+    """Run one CALL or CHUNK; return (RESULT or RAISED, payload parts)."""
     try:
         call = pickle.loads(payload)
     except BaseException as exc:
@@ -199,14 +216,15 @@ def run_task(kind, payload, dumps, hint, max_size):
         return RAISED, describe_exception(exc, dumps)
     del call
     try:
-        data = dumps(result, protocol=PICKLE_PROTOCOL)
+        parts = dumps(result)
     except BaseException as exc:
         error = TypeError("cannot pickle the result of type %s: %s" % (type(result).__qualname__, exc))
         return RAISED, describe_exception(error, dumps)
-    if len(data) > max_size:
-        too_big = ValueError("the result pickles to %d bytes, over max_message_size=%d" % (len(data), max_size))
+    size = sum(memoryview(part).nbytes for part in parts)
+    if size > max_size:
+        too_big = ValueError("the result pickles to %d bytes, over max_message_size=%d" % (size, max_size))
         return RAISED, describe_exception(too_big, dumps)
-    return RESULT, data
+    return RESULT, parts
 
 
 def watch_for_hangup(fd):
@@ -228,7 +246,7 @@ def handshake(readinto, writev):
         raise ValueError("expected HELLO, got message kind %d" % kind)
     hello = json.loads(payload.decode())
     ready = {"python": list(sys.version_info[:3]), "pickle_protocol": pickle.HIGHEST_PROTOCOL, "pid": os.getpid()}
-    write_message(writev, READY, 0, json.dumps(ready).encode())
+    write_message(writev, READY, 0, [json.dumps(ready).encode()])
     return hello
 
 
@@ -266,9 +284,10 @@ def main():
             break
         if kind == STOP:
             break
-        reply, data = run_task(kind, payload, dumps, hint, max_size)
+        reply, parts = run_task(kind, payload, dumps, hint, max_size)
         del payload
-        write_message(writev, reply, task_id, data)
+        write_message(writev, reply, task_id, parts)
+        del parts
     sys.stderr.flush()
     os._exit(0)
 

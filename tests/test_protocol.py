@@ -33,7 +33,7 @@ class Stub:
         self.ready = json.loads(payload)
 
     def send(self, kind, task_id, payload):
-        stub.write_message(self.writev, kind, task_id, payload)
+        stub.write_message(self.writev, kind, task_id, [payload])
         self.process.stdin.flush()
 
     def receive(self):
@@ -90,6 +90,13 @@ def test_truncated_message_is_eof():
         stub.read_message(_reader(data), 1 << 20)
 
 
+def test_large_buffers_are_pickled_by_reference_not_copied():
+    data = b"x" * (1 << 20)
+    parts = stub.pickle_parts(pickle.Pickler, (len, (data,), {}))
+    assert any(part is data for part in parts)
+    assert pickle.loads(b"".join(parts)) == (len, (data,), {})
+
+
 def test_send_parts_survives_partial_writes():
     written = bytearray()
 
@@ -123,10 +130,10 @@ def test_bootstrap_unpacks_the_worker_into_a_temporary_directory():
         [sys.executable, "-c", stub.BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     writev = lambda views: process.stdin.write(b"".join(views))  # noqa: E731
-    stub.write_message(writev, stub.BOOT, 0, minipool._stub_archive([os.path.join(TESTS, "helpers.py")]))
+    stub.write_message(writev, stub.BOOT, 0, [minipool._stub_archive([os.path.join(TESTS, "helpers.py")])])
     hello = {"python": [3, 0], "cloudpickle": True, "max_message_size": 1 << 30}
-    stub.write_message(writev, stub.HELLO, 0, json.dumps(hello).encode())
-    stub.write_message(writev, stub.CALL, 1, pickle.dumps((helpers.where, (), {})))
+    stub.write_message(writev, stub.HELLO, 0, [json.dumps(hello).encode()])
+    stub.write_message(writev, stub.CALL, 1, [pickle.dumps((helpers.where, (), {}))])
     process.stdin.flush()
     assert stub.read_message(process.stdout.readinto, 1 << 20)[0] == stub.READY
     kind, _, payload = stub.read_message(process.stdout.readinto, 1 << 20)
