@@ -154,11 +154,6 @@ while view:
 """
 
 
-def raw_pipe_rates(client, image, size):
-    """MB/s of raw bytes host -> container and container -> host over an attach socket."""
-    return _push(client, image, size), _pull(client, image, size)
-
-
 def _attached(client, image, code):
     """A started container running `code`, and the raw socket of its attached stdio."""
     api = client.api
@@ -186,6 +181,7 @@ def _receive(sock, size):
 
 
 def _push(client, image, size):
+    """MB/s of raw bytes host -> container over an attach socket."""
     sock = _attached(client, image, SINK.format(size=size))
     _receive(sock, 1)
     started = time.perf_counter()
@@ -197,6 +193,7 @@ def _push(client, image, size):
 
 
 def _pull(client, image, size):
+    """MB/s of raw bytes container -> host over an attach socket."""
     sock = _attached(client, image, SOURCE.format(size=size))
     _receive(sock, 1)
     started = time.perf_counter()
@@ -323,7 +320,8 @@ def main():
             theirs = median_of(sizes.repeats, functools.partial(measure, processes, size))
             table.add(what, mine, "ProcessPoolExecutor", theirs, target, higher, unit)
 
-        to_container, from_container = raw_pipe_rates(client, image, sizes.payload)
+        to_container = median_of(sizes.repeats, lambda: _push(client, image, sizes.payload))
+        from_container = median_of(sizes.repeats, lambda: _pull(client, image, sizes.payload))
         megabytes = sizes.payload // MB
         table.add(
             f"{megabytes} MB bytes argument", median_of(sizes.repeats, lambda: argument_rate(ours, sizes.payload)),
