@@ -30,6 +30,11 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 import docker  # noqa: E402
 
+try:
+    import numpy
+except ImportError:
+    numpy = None
+
 from minipool import ContainerPoolExecutor  # noqa: E402
 
 MB = 1 << 20
@@ -81,9 +86,10 @@ def map_rate(pool, count):
     return count / timed(lambda: sum(pool.map(abs, range(count), chunksize=1000)))
 
 
-def argument_rate(pool, size):
-    data = b"x" * size
-    assert pool.submit(len, data).result() == size  # warm
+def argument_rate(pool, data):
+    """MB/s of a `bytes` (or NumPy) argument, whose length the task returns."""
+    size = memoryview(data).nbytes
+    pool.submit(len, data).result()  # warm
     return size / MB / timed(lambda: pool.submit(len, data).result())
 
 
@@ -95,6 +101,27 @@ def made_once(size):
     if len(getattr(sys, "minipool_benchmark_blob", b"")) != size:
         sys.minipool_benchmark_blob = bytes(size)
     return sys.minipool_benchmark_blob
+
+
+def has_numpy():
+    import importlib.util
+
+    return importlib.util.find_spec("numpy") is not None
+
+
+def numpy_made_once(size):
+    import sys
+
+    import numpy
+
+    if getattr(sys, "minipool_benchmark_array", numpy.zeros(0)).nbytes != size:
+        sys.minipool_benchmark_array = numpy.zeros(size // 8)
+    return sys.minipool_benchmark_array
+
+
+def numpy_result_rate(pool, size):
+    pool.submit(numpy_made_once, size).result()  # warm
+    return size / MB / timed(lambda: pool.submit(numpy_made_once, size).result())
 
 
 def result_rate(pool, size):
@@ -323,8 +350,9 @@ def main():
         to_container = median_of(sizes.repeats, lambda: _push(client, image, sizes.payload))
         from_container = median_of(sizes.repeats, lambda: _pull(client, image, sizes.payload))
         megabytes = sizes.payload // MB
+        payload = b"x" * sizes.payload
         table.add(
-            f"{megabytes} MB bytes argument", median_of(sizes.repeats, lambda: argument_rate(ours, sizes.payload)),
+            f"{megabytes} MB bytes argument", median_of(sizes.repeats, lambda: argument_rate(ours, payload)),
             "raw attach pipe in", to_container, 0.8, True, "MB/s",
         )
         table.add(
@@ -332,9 +360,22 @@ def main():
             "raw attach pipe out", from_container, 0.8, True, "MB/s",
         )
         table.add(
-            f"{megabytes} MB argument, vs processes", argument_rate(ours, sizes.payload),
-            "ProcessPoolExecutor", argument_rate(processes, sizes.payload), None, True, "MB/s",
+            f"{megabytes} MB argument, vs processes", argument_rate(ours, payload),
+            "ProcessPoolExecutor", argument_rate(processes, payload), None, True, "MB/s",
         )
+        if numpy is not None and ours.submit(has_numpy).result():
+            array = numpy.zeros(sizes.payload // 8)
+            table.add(
+                f"{megabytes} MB NumPy argument", median_of(sizes.repeats, lambda: argument_rate(ours, array)),
+                "raw attach pipe in", to_container, 0.8, True, "MB/s",
+            )
+            table.add(
+                f"{megabytes} MB NumPy result",
+                median_of(sizes.repeats, lambda: numpy_result_rate(ours, sizes.payload)),
+                "raw attach pipe out", from_container, 0.8, True, "MB/s",
+            )
+        else:
+            print("benchmark: no NumPy rows: NumPy is not both here and in the image", file=sys.stderr)
 
     per_task_run = median_of(sizes.per_task_runs, lambda: docker_run_s(client, image)) * 1e3
     per_task_exec = docker_exec_s(client, image, sizes.per_task_runs) * 1e3
