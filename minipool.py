@@ -1223,7 +1223,7 @@ class ContainerPoolExecutor(Executor):
     """An Executor that runs calls in a pool of long-lived containers of one image.
 
     image: the image to run; it needs a Python 3 interpreter (>= 3.8).
-    blocks: how many containers; each runs one task at a time.
+    blocks: how many containers; each runs one task at a time (quick ones pipelined).
     engine: a docker.DockerClient, an engine URL ("unix://...", "tcp://..."), or
         None for docker.from_env().
     python: the interpreter's name or path inside the image.
@@ -1238,7 +1238,8 @@ class ContainerPoolExecutor(Executor):
         driver none, auto_remove, init) are defaults under it.
     startup_timeout: seconds a started container's worker may take to answer.
     task_timeout: seconds a task may run; then its container is killed and
-        replaced, and its future raises TimeoutError.
+        replaced, and its future raises TimeoutError. With it, tasks are not
+        pipelined (a kill would take the tasks queued behind).
     retries: how many times a task whose container died is run again (on a fresh
         container) before it fails with WorkerLost.
     max_tasks_per_block: replace a container after it ran this many tasks.
