@@ -97,7 +97,7 @@ _worker_logger = logging.getLogger(__name__ + ".worker")
 _PIPELINE_SECONDS = 0.002
 _MAX_IN_FLIGHT = 64
 # A task message up to this size is sent by the submitting thread itself when a
-# container is idle (it fits the pipe's buffer, so the send does not block).
+# container is idle (small enough that the send returns at once).
 _DIRECT_SEND = 1 << 16
 # A read of the attach stream at least this large skips the stream's buffer.
 _DIRECT_READ = 1 << 12
@@ -204,7 +204,7 @@ class _RemoteTraceback(Exception):
 
 
 class _WorkItem:
-    __slots__ = ("attempts", "deadline", "future", "kind", "order", "parts", "running", "sent_at", "size")
+    __slots__ = ("attempts", "deadline", "future", "kind", "parts", "running", "sent_at", "size")
 
     def __init__(self, future: Future, kind: int, parts: list, size: int) -> None:
         self.future = future
@@ -213,7 +213,6 @@ class _WorkItem:
         self.size = size
         self.running = False  # its future is RUNNING: it was taken by a container once
         self.sent_at = 0.0
-        self.order = 0  # its place in the container's stdin; the stub runs tasks in that order
         self.deadline: float | None = None  # when task_timeout runs out, once sent
         self.attempts: list[WorkerLost] = []  # earlier containers lost while running it
 
@@ -504,7 +503,7 @@ class _AttachStream:
     recv; larger ones go straight into the caller's memory.
     """
 
-    def __init__(self, sock: socket.socket, on_stderr: Callable[[bytes], None]) -> None:
+    def __init__(self, sock: socket.socket, on_stderr: Callable[[bytearray], None]) -> None:
         self._recv_into = sock.recv_into
         self._on_stderr = on_stderr
         self._header = bytearray(_FRAME_HEADER.size)
@@ -528,7 +527,7 @@ class _AttachStream:
         while length:
             piece = bytearray(min(length, len(self._buffer)))
             _stub.fill(self._read, piece)
-            self._on_stderr(bytes(piece))
+            self._on_stderr(piece)
             length -= len(piece)
 
     def _read(self, view: memoryview) -> int:
@@ -558,6 +557,8 @@ class _Container:
         self._log_dropped = 0
         self._send_lock = threading.Lock()  # the block thread and submit() both send
         self._sends = itertools.count()
+        # Task id -> its place in the stub's stdin; the stub runs tasks in that order.
+        self.sent_order: dict[int, int] = {}
         # Seconds a task takes here, a moving average. It starts slow (one task in
         # flight) and speeds up after a few quick tasks.
         self.pace = _PIPELINE_SECONDS * 10
@@ -569,7 +570,7 @@ class _Container:
         self.lost = False
         self.reader: threading.Thread | None = None
 
-    def _log_stderr(self, data: bytes) -> None:
+    def _log_stderr(self, data: bytes | bytearray) -> None:
         """Log the container's stderr one record per line, tagged with the container."""
         *lines, self._partial_line = (self._partial_line + data).split(b"\n")
         if len(self._partial_line) > _MAX_LOG_LINE:
@@ -615,8 +616,8 @@ class _Container:
         for task_id, item in tasks:
             parts += [_stub.pack_header(item.kind, task_id, item.size), *item.parts]
         with self._send_lock:
-            for _, item in tasks:
-                item.order = next(self._sends)
+            for task_id, _ in tasks:
+                self.sent_order[task_id] = next(self._sends)
             _stub.send_parts(self.writev, parts)
 
     def depth(self) -> int:
@@ -980,7 +981,7 @@ class _Pool:
         try:
             container.send_tasks(tasks)
         except OSError as exc:
-            # The container is gone: its reader fails this task with WorkerLost.
+            # The container is gone: its reader settles or requeues these tasks.
             _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
 
     def _time_out(self, container: _Container) -> None:
@@ -1095,17 +1096,26 @@ class _Pool:
             # Whatever ended the stream, the block thread must learn it and no future may hang.
             with self._changed:
                 container.lost = True
-                orphans = sorted(container.in_flight.values(), key=lambda item: item.order)
+                orphans = self._unstarted_last(container)
                 container.in_flight.clear()
-                if self._broken is None and len(orphans) > 1:
-                    # The stub runs tasks in the order it got them: only the first had
-                    # started. The others go back to the front of the queue, unharmed.
-                    self._pending.extendleft(reversed(orphans[1:]))
-                    del orphans[1:]
+                if error is None and self._broken is None:
+                    # The container died (the stream ended): the stub runs tasks in
+                    # the order it got them, so only the first it got had started. The
+                    # others go back to the front of the queue, unharmed. (After a
+                    # ProtocolError the stub may run them still: they fail with it.)
+                    started = orphans[:1] if orphans and orphans[0][0] in container.sent_order else []
+                    self._pending.extendleft(reversed([item for _, item in orphans[len(started):]]))
+                    orphans = started
                 self._changed.notify_all()
             _logger.debug("pool %s: stream of container %s ended", self._label, container.short_id)
             if orphans:
-                self._orphaned(orphans, error or self._worker_lost(container))
+                self._orphaned([item for _, item in orphans], error or self._worker_lost(container))
+
+    @staticmethod
+    def _unstarted_last(container: _Container) -> list[tuple[int, _WorkItem]]:
+        """The tasks in flight in the order the stub got them; those never sent last."""
+        never = len(container.sent_order) + _MAX_IN_FLIGHT
+        return sorted(container.in_flight.items(), key=lambda task: container.sent_order.get(task[0], never))
 
     def _settle_results(self, container: _Container) -> None:
         """Settle each future as its result arrives, until the stream ends."""
@@ -1123,7 +1133,12 @@ class _Pool:
                 raise ValueError(f"a result for task {task_id}, which is not running there")
             container.note_done(item)
             container.task_done()
-            _settle(item.future, kind, payload)
+            container.sent_order.pop(task_id, None)
+            try:
+                _settle(item.future, kind, payload)
+            finally:
+                _stub.release(payload)
+            del payload
 
     def _orphaned(self, items: list[_WorkItem], error: MiniPoolError) -> None:
         """Tasks whose container died: run them again (retries) or fail them.

@@ -50,7 +50,7 @@ BOOT = 8  # tar of worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modu
 HELLO = 1  # JSON: {"python": [major, minor], "cloudpickle": bool, "max_message_size": n}
 CALL = 2  # pickle of (fn, args, kwargs)
 CHUNK = 3  # pickle of (fn, [args, ...]): one message for a chunk of map()
-STOP = 7  # empty: exit now (the pool is done with this container)
+STOP = 7  # empty: exit once the tasks sent before it are done
 # Stub to host:
 READY = 4  # JSON: {"python": [major, minor, micro], "pickle_protocol": n, "pid": n}
 RESULT = 5  # pickle of the return value (a list for CHUNK)
@@ -111,8 +111,8 @@ def fill(readinto, view):
 
 def read_message(readinto, max_size):
     """Read one message: (kind, task id, payload). The payload is a bytearray, or an
-    anonymous mmap when large: its pages are not zeroed first, but filled once by
-    the read (a bytearray of 64 MB costs 35 ms here before a byte arrives)."""
+    anonymous mmap when large: a bytearray is zeroed by a pass of its own before the
+    read fills it (35 ms for 64 MB here); free it with release()."""
     header = bytearray(HEADER.size)
     fill(readinto, header)
     kind, task_id, length = unpack_header(header)
@@ -126,13 +126,19 @@ def read_message(readinto, max_size):
 
 def send_parts(writev, parts):
     """Write every byte of `parts` with a vectored `writev`, without joining them."""
-    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    views = [memoryview(part).cast("B") for part in parts if memoryview(part).nbytes]
     while views:
         sent = writev(views)
         while sent and sent >= len(views[0]):
             sent -= len(views.pop(0))
         if sent:
             views[0] = views[0][sent:]
+
+
+def release(payload):
+    """Unmap a large payload now: what was unpickled from it holds no reference."""
+    if isinstance(payload, mmap.mmap):
+        payload.close()
 
 
 def write_message(writev, kind, task_id, parts):
@@ -143,9 +149,11 @@ def write_message(writev, kind, task_id, parts):
 
 class Parts(list):
     """What a pickler wrote, write by write. A pickler hands a large bytes-like object
-    to write() whole, so it travels as it is instead of being copied into the pickle."""
+    to write() whole (bytes, or a PickleBuffer over a bytearray or an array), so it
+    travels as it is instead of being copied into the pickle."""
 
-    write = list.append
+    def write(self, data):
+        self.append(data.raw() if isinstance(data, pickle.PickleBuffer) else data)
 
 
 def pickle_parts(pickler, obj):
@@ -201,6 +209,7 @@ def run_task(kind, payload, dumps, hint, max_size):
     """Run one CALL or CHUNK; return (RESULT or RAISED, payload parts)."""
     try:
         call = pickle.loads(payload)
+        release(payload)
     except BaseException as exc:
         if hint:
             exc = RuntimeError("cannot unpickle the task: %s: %s. %s" % (type(exc).__name__, exc, hint))

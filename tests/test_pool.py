@@ -133,6 +133,13 @@ def test_an_exception_that_cannot_print_itself_still_travels(make_pool):
         make_pool().submit(helpers.raise_unprintable).result(DEADLOCK)
 
 
+def test_large_buffers_go_both_ways(make_pool):
+    pool = make_pool()
+    assert pool.submit(len, bytearray(3 << 20)).result(DEADLOCK) == 3 << 20
+    assert pool.submit(helpers.identity, bytearray(b"y" * (3 << 20))).result(DEADLOCK) == bytearray(b"y" * (3 << 20))
+    assert len(pool.submit(helpers.nbytes, 5 << 20).result(DEADLOCK)) == 5 << 20
+
+
 def test_unpicklable_argument_fails_only_that_future(make_pool):
     pool = make_pool()
     future = pool.submit(helpers.identity, threading.Lock())

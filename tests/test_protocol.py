@@ -97,6 +97,21 @@ def test_large_buffers_are_pickled_by_reference_not_copied():
     assert pickle.loads(b"".join(parts)) == (len, (data,), {})
 
 
+def test_pickle_buffers_travel_as_flat_bytes():
+    """A large bytearray is handed to the pickler's writer as a PickleBuffer: it is
+    sent as plain bytes."""
+    value = bytearray(b"x" * (1 << 20))
+    parts = stub.pickle_parts(pickle.Pickler, value)
+    written = bytearray()
+
+    def writev(views):
+        written.extend(b"".join(views))
+        return sum(view.nbytes for view in views)
+
+    stub.send_parts(writev, parts)
+    assert pickle.loads(written) == value
+
+
 def test_send_parts_survives_partial_writes():
     written = bytearray()
 
