@@ -13,12 +13,13 @@ and speaks a small protocol over the container's attached stdin/stdout:
                                               2 = stderr: logged) ◄── RESULT frame ◄─ stdout ─┘
 
 A block thread starts its container (create, attach, start, send the stub,
-handshake), feeds it tasks from the shared queue, kills it when a task outlives
-task_timeout, and replaces it when it dies, times out or has run
-max_tasks_per_block tasks.
+handshake), feeds it tasks from the shared queue (several at once, in one write,
+while they are quick: pipelining), kills it when a task outlives task_timeout,
+and replaces it when it dies, times out or has run max_tasks_per_block tasks.
+submit() itself sends a small task to an idle container, sparing a hand-off.
 Its reader thread settles futures by task id, sends stderr to the
-"minipool.worker" logger and, when the stream ends, fails what was in flight
-with WorkerLost. The engine's event stream tells each dead container's exit code
+"minipool.worker" logger and, when the stream ends, fails the task that was
+running with WorkerLost and puts the ones queued behind it back in the queue. The engine's event stream tells each dead container's exit code
 and whether the kernel killed it for memory: with auto_remove it is gone before
 it could be inspected.
 
@@ -102,8 +103,8 @@ _DIRECT_SEND = 1 << 16
 # A read of the attach stream at least this large skips the stream's buffer.
 _DIRECT_READ = 1 << 12
 # Default cap on one message (max_message_size): the host never allocates more
-# than this whatever a header claims, as the payload buffer is allocated (and
-# zeroed) before its bytes arrive.
+# than this whatever a header claims, as the payload buffer is allocated before
+# its bytes arrive.
 _MAX_MESSAGE = 1 << 32
 # Lines of a container's stderr kept to explain its death.
 _STDERR_TAIL = 20
