@@ -19,9 +19,10 @@ and replaces it when it dies, times out or has run max_tasks_per_block tasks.
 submit() itself sends a small task to an idle container, sparing a hand-off.
 Its reader thread settles futures by task id, sends stderr to the
 "minipool.worker" logger and, when the stream ends, fails the task that was
-running with WorkerLost and puts the ones queued behind it back in the queue. The engine's event stream tells each dead container's exit code
-and whether the kernel killed it for memory: with auto_remove it is gone before
-it could be inspected.
+running with WorkerLost and puts the ones queued behind it back in the queue.
+The engine's event stream tells each dead container's exit code and whether the
+kernel killed it for memory: with auto_remove it is gone before it could be
+inspected.
 
 Containers are created with stdin open and StdinOnce, log driver none, network
 none and auto_remove: when the host process dies the engine closes the stub's
