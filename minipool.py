@@ -39,6 +39,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -321,22 +322,32 @@ def _settle(future: Future, kind: int, payload: bytearray | mmap.mmap) -> None:
 
 def _connect(engine: Any, pool_size: int) -> tuple[docker.DockerClient, bool]:
     """The engine's client, and whether we made it (and so must close it)."""
+    if isinstance(engine, str) and engine.startswith("ssh://"):
+        raise StartupError(_NO_SSH)
     try:
         if engine is None:
-            return docker.from_env(max_pool_size=pool_size), True
-        if isinstance(engine, str):
-            if engine.startswith("ssh://"):
-                raise StartupError(
-                    "ssh:// engines are not supported yet: forward the engine's socket "
-                    "(ssh -NL /tmp/engine.sock:/var/run/docker.sock HOST) and pass engine='unix:///tmp/engine.sock'"
-                )
-            return docker.DockerClient(base_url=engine, max_pool_size=pool_size), True
+            client, owned = docker.from_env(max_pool_size=pool_size), True
+        elif isinstance(engine, str):
+            client, owned = docker.DockerClient(base_url=engine, max_pool_size=pool_size), True
+        else:
+            client, owned = engine, False
     except (docker.errors.DockerException, OSError) as exc:
         where = engine or os.environ.get("DOCKER_HOST", "the default socket")
         raise StartupError(
             f"cannot reach a Docker engine at {where}: {exc}. Is dockerd running, and may this user use it?"
         ) from exc
-    return engine, False
+    # The attach socket of an ssh engine has neither recv_into nor sendmsg.
+    if client.api.base_url == "http+docker://ssh":
+        if owned:
+            client.close()
+        raise StartupError(_NO_SSH)
+    return client, owned
+
+
+_NO_SSH = (
+    "ssh:// engines are not supported yet: forward the engine's socket "
+    "(ssh -NL /tmp/engine.sock:/var/run/docker.sock HOST) and pass engine='unix:///tmp/engine.sock'"
+)
 
 
 def _check_image(client: docker.DockerClient, image: str) -> None:
@@ -891,7 +902,6 @@ class _Pool:
         Attach comes before start and the stub says nothing before HELLO: bytes that
         arrive with the attach's HTTP answer can be lost in docker-py's reader.
         """
-        deadline = time.monotonic() + self._settings.startup_timeout
         api = self._client.api
         try:
             container_id = str(self._client.containers.create(**self._settings.create_options).id)
@@ -906,6 +916,7 @@ class _Pool:
             _attach_sockets.add(sock)
             container = _Container(container_id, sock)
             api.start(container_id)
+            deadline = time.monotonic() + self._settings.startup_timeout
             self._check_ready(container.handshake(self._settings.archive, self._hello, deadline))
         except BaseException as exc:
             if sock is not None:
@@ -1116,8 +1127,7 @@ class _Pool:
     @staticmethod
     def _unstarted_last(container: _Container) -> list[tuple[int, _WorkItem]]:
         """The tasks in flight in the order the stub got them; those never sent last."""
-        never = len(container.sent_order) + _MAX_IN_FLIGHT
-        return sorted(container.in_flight.items(), key=lambda task: container.sent_order.get(task[0], never))
+        return sorted(container.in_flight.items(), key=lambda task: container.sent_order.get(task[0], math.inf))
 
     def _settle_results(self, container: _Container) -> None:
         """Settle each future as its result arrives, until the stream ends."""
@@ -1257,8 +1267,8 @@ class ContainerPoolExecutor(Executor):
     task_timeout: seconds a task may run; then its container is killed and
         replaced, and its future raises TimeoutError. With it, tasks are not
         pipelined (a kill would take the tasks queued behind).
-    retries: how many times a task whose container died is run again (on a fresh
-        container) before it fails with WorkerLost.
+    retries: how many times a task whose container died is run again (first in
+        line for the next free block) before it fails with WorkerLost.
     max_tasks_per_block: replace a container after it ran this many tasks.
     max_message_size: bytes; a larger argument or result fails its future.
     label: a name for the pool in logs, thread names and container labels.
@@ -1291,10 +1301,12 @@ class ContainerPoolExecutor(Executor):
         _check_count("retries", retries, 0)
         _check_count("max_tasks_per_block", max_tasks_per_block, 1, optional=True)
         _check_count("max_message_size", max_message_size, 1 << 16)
+        if isinstance(ship, (str, os.PathLike)):
+            raise TypeError(f"ship must be a list of paths, not the single path {ship!r}")
         shipped = [os.fspath(path) for path in ship]
         for path in shipped:
             if not os.path.exists(path):
-                raise FileNotFoundError(f"ship: {path!r} does not exist")
+                raise ValueError(f"ship: {path!r} does not exist")
         self._label = label or image
         self._max_message_size = max_message_size
         pool_id = uuid.uuid4().hex[:12]

@@ -149,8 +149,8 @@ def write_message(writev, kind, task_id, parts):
 
 class Parts(list):
     """What a pickler wrote, write by write. A pickler hands a large bytes-like object
-    to write() whole (bytes, or a PickleBuffer over a bytearray or an array), so it
-    travels as it is instead of being copied into the pickle."""
+    to write() whole (bytes, a bytearray, or a PickleBuffer over a NumPy array), so
+    it travels as it is instead of being copied into the pickle."""
 
     def write(self, data):
         self.append(data.raw() if isinstance(data, pickle.PickleBuffer) else data)
@@ -279,7 +279,7 @@ def main():
     writev = functools.partial(os.writev, channel_out)
     hello = handshake(readinto, writev)
     # The shipped code and cloudpickle first, then the working directory, where the
-    # seed's `import app1` finds /home/app1.py. They replace the stub's own folder.
+    # seed's `import app1` finds /home/app1.py. They take the place of sys.path[0].
     home = os.path.dirname(os.path.abspath(__file__))
     sys.path[0:1] = [os.path.join(home, "ship"), os.path.join(home, "lib"), os.getcwd()]
     dumps = serializer(hello["cloudpickle"])

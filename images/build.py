@@ -192,7 +192,8 @@ def ensure_offline_base(client: docker.DockerClient, rebuild: bool = False, log:
     mirror = debian_mirror()
     log(f"images: building offline base {OFFLINE_BASE} with debootstrap (about 40 s)...")
     start = time.monotonic()
-    rootfs = Path(tempfile.mkdtemp(prefix="minipool-rootfs-", dir=ROOTFS_PARENT))
+    # Resolved: the mounts to undo before removing it are listed by their real path.
+    rootfs = Path(tempfile.mkdtemp(prefix="minipool-rootfs-", dir=ROOTFS_PARENT)).resolve()
     try:
         _debootstrap(rootfs, mirror, log)
         _trim_rootfs(rootfs)
@@ -249,11 +250,17 @@ def _debootstrap(rootfs: Path, mirror: str, log: Log) -> None:
     ) as process:
         assert process.stdout is not None
         latest = "starting"
-        for line in _lines_with_heartbeat(process.stdout, PROGRESS_EVERY):
-            if line:
-                tail.append(line)
-                latest = line
-            progress.tick(latest)
+        try:
+            for line in _lines_with_heartbeat(process.stdout, PROGRESS_EVERY):
+                if line:
+                    tail.append(line)
+                    latest = line
+                progress.tick(latest)
+        except BaseException:
+            # Interrupted: stop debootstrap before its root filesystem is removed.
+            process.kill()
+            process.wait()
+            raise
     if process.returncode != 0:
         raise ImageBuildError(f"debootstrap failed with status {process.returncode}:\n" + "\n".join(tail))
     log(f"images: debootstrap done ({progress.elapsed():.0f} s)")
@@ -340,7 +347,10 @@ def _remove_rootfs(rootfs: Path, log: Log) -> None:
     if _mounts_under(rootfs):
         log(f"images: left {rootfs} in place: something is still mounted inside it")
         return
-    shutil.rmtree(rootfs)
+    try:
+        shutil.rmtree(rootfs)
+    except OSError as error:  # never hide the error that brought us here
+        log(f"images: could not remove {rootfs}: {error}")
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -400,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         ensure_images(base=args.base, offline=args.offline, rebuild=args.rebuild)
-    except (ImageBuildError, DockerException) as error:
+    except (ImageBuildError, DockerException, OSError) as error:
         print(f"images: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -154,3 +154,15 @@ def square_or_die(i):
     if i % 100 == 99:
         kill_self()
     return i * i
+
+
+def count_and_raise(path):
+    """Note one run in `path`, then raise."""
+    with open(path, "a") as file:
+        file.write("ran\n")
+    raise ValueError("counted")
+
+
+def write_text(path, text):
+    with open(path, "w") as file:
+        file.write(text)
