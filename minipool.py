@@ -31,6 +31,7 @@ stdin, the stub exits and the engine removes the container.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -361,14 +362,19 @@ def _check_image(client: docker.DockerClient, image: str) -> None:
         raise StartupError(f"cannot reach the Docker engine at {client.api.base_url}: {exc}") from exc
 
 
-def _pid_alive(pid: int) -> bool:
+def _owner(labels: Mapping[str, str]) -> str:
+    """Whether the process that made a container is "alive", "gone", or "unknown"
+    (it ran on another host, which this one cannot ask)."""
+    pid = labels.get("minipool.pid", "")
+    if labels.get("minipool.host") != socket.gethostname() or not pid.isdigit():
+        return "unknown"
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
-        return False
+        return "gone"
     except PermissionError:  # alive, someone else's
-        return True
-    return True
+        pass
+    return "alive"
 
 
 def _sweep_orphans(client: docker.DockerClient) -> None:
@@ -379,9 +385,8 @@ def _sweep_orphans(client: docker.DockerClient) -> None:
     """
     mine = {"label": [f"minipool.host={socket.gethostname()}"], "status": ["created"]}
     for container in client.api.containers(all=True, filters=mine):
-        owner = container["Labels"].get("minipool.pid", "")
-        if owner.isdigit() and not _pid_alive(int(owner)):
-            _logger.info("removing container %s left by dead process %s", container["Id"][:12], owner)
+        if _owner(container["Labels"]) == "gone":
+            _logger.info("removing container %s, whose owner is gone", container["Id"][:12])
             with contextlib.suppress(docker.errors.DockerException, OSError):
                 _remove_container(client.api, container["Id"])
 
@@ -1434,3 +1439,67 @@ class ContainerPoolExecutor(Executor):
     def kill_workers(self) -> None:
         """As terminate_workers(), with SIGKILL."""
         self._pool.stop_containers(signal.SIGKILL, "kill_workers")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _age(created: float) -> str:
+    seconds = max(0, int(time.time() - created))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """python -m minipool ps | cleanup [--all]: list or remove minipool's containers."""
+    parser = argparse.ArgumentParser(
+        prog="python -m minipool", description="List or remove the containers minipool made, on one or more engines."
+    )
+    parser.add_argument(
+        "--engine", action="append", metavar="URL", help="an engine (repeatable; default: DOCKER_HOST or its socket)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("ps", help="list them, with their owner process and whether it is alive")
+    cleanup = commands.add_parser("cleanup", help="remove those whose owner process is gone")
+    cleanup.add_argument("--all", action="store_true", help="remove every one, owners alive or not")
+    args = parser.parse_args(argv)
+    if args.command == "ps":
+        print(f"{'ENGINE':24} {'CONTAINER':12} {'STATE':10} {'AGE':>5} {'OWNER':28} {'EXECUTOR':12} LABEL")
+    failures = [_on_engine(url, args.command, getattr(args, "all", False)) for url in args.engine or [None]]
+    return 1 if any(failures) else 0
+
+
+def _on_engine(url: str | None, command: str, remove_all: bool) -> bool:
+    """List (ps) or remove (cleanup) our containers on one engine; True if anything failed."""
+    where = url or os.environ.get("DOCKER_HOST", "the default socket")
+    try:
+        client = docker.from_env() if url is None else docker.DockerClient(base_url=url)
+    except (docker.errors.DockerException, OSError) as exc:
+        print(f"minipool: cannot reach the engine at {where}: {exc}", file=sys.stderr)
+        return True
+    failed = False
+    with contextlib.closing(client):
+        for container in client.api.containers(all=True, filters={"label": "minipool"}):
+            labels = container["Labels"]
+            owner = f"{labels.get('minipool.host', '?')}:{labels.get('minipool.pid', '?')} {_owner(labels)}"
+            short_id = container["Id"][:12]
+            if command == "ps":
+                print(
+                    f"{where[:24]:24} {short_id} {container['State']:10} {_age(container['Created']):>5} "
+                    f"{owner[:28]:28} {labels.get('minipool.executor', '?'):12} {labels.get('minipool.label', '')}"
+                )
+            elif remove_all or _owner(labels) == "gone":
+                try:
+                    _remove_container(client.api, container["Id"])
+                except (docker.errors.DockerException, OSError) as exc:
+                    print(f"minipool: could not remove {short_id}: {exc}", file=sys.stderr)
+                    failed = True
+                else:
+                    print(f"removed {short_id} ({container['State']}, owner {owner}) from {where}")
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,20 @@ def images(engine):
 def containers_labelled(engine, label):
     """Ids of the containers carrying the test's label, in any state."""
     return [c["Id"] for c in engine.api.containers(all=True, filters={"label": f"minipool.label={label}"})]
+
+
+def left_by_a_dead_caller(engine, label):
+    """A Created container whose owner process is gone, as a caller killed between
+    create and start leaves it; its id."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid now names no process
+    labels = {
+        "minipool": "test",
+        "minipool.host": socket.gethostname(),
+        "minipool.pid": str(gone.pid),
+        "minipool.label": label,
+    }
+    return engine.api.create_container(APP1, ["python3"], labels=labels)["Id"]
 
 
 def minipool_threads(label):

@@ -4,8 +4,6 @@ import gc
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 
@@ -13,6 +11,7 @@ import helpers
 from conftest import DEADLOCK
 from conftest import ROOT
 from conftest import containers_labelled
+from conftest import left_by_a_dead_caller
 from conftest import start_script
 from conftest import wait_until
 from minipool import ContainerPoolExecutor
@@ -122,15 +121,7 @@ def test_caller_killed_while_tasks_run_leaves_no_container(images, engine, label
 def test_a_container_left_in_created_by_a_dead_caller_is_swept_by_the_next_pool(images, engine, label):
     """A caller killed between create and start leaves a Created container behind:
     the next pool on the engine from this host removes it."""
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # its pid now names no process
-    labels = {
-        "minipool": "test",
-        "minipool.host": socket.gethostname(),
-        "minipool.pid": str(gone.pid),
-        "minipool.label": label,
-    }
-    engine.api.create_container("app1_v0.1", ["python3"], labels=labels)
+    left_by_a_dead_caller(engine, label)
     assert len(containers_labelled(engine, label)) == 1
     with ContainerPoolExecutor("app1_v0.1", label=label + "-next") as pool:
         assert pool.submit(abs, -1).result(DEADLOCK) == 1
