@@ -85,10 +85,6 @@ def noisy(value):
     return value
 
 
-def pid():
-    return os.getpid()
-
-
 def where():
     return os.getcwd(), sys.path
 
