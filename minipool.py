@@ -238,6 +238,9 @@ class _Settings:
     retries: int
     max_tasks_per_block: int | None
     max_message_size: int
+    min_blocks: int
+    max_blocks: int
+    idle_timeout: float | None
 
 
 class _ChunkSubmitter:
@@ -321,28 +324,30 @@ def _settle(future: Future, kind: int, payload: bytearray | mmap.mmap) -> None:
 # --------------------------------------------------------------------------- engine and containers
 
 
-def _connect(engine: Any, pool_size: int) -> tuple[docker.DockerClient, bool]:
-    """The engine's client, and whether we made it (and so must close it)."""
+def _connect(engine: Any, pool_size: int) -> tuple[docker.DockerClient, bool, str]:
+    """The engine's client, whether we made it (and so must close it), and its name for messages."""
     if isinstance(engine, str) and engine.startswith("ssh://"):
         raise StartupError(_NO_SSH)
+    name = engine if isinstance(engine, str) else os.environ.get("DOCKER_HOST", "the default socket")
     try:
         if engine is None:
             client, owned = docker.from_env(max_pool_size=pool_size), True
         elif isinstance(engine, str):
             client, owned = docker.DockerClient(base_url=engine, max_pool_size=pool_size), True
+        elif isinstance(engine, docker.DockerClient):
+            client, owned, name = engine, False, engine.api.base_url
         else:
-            client, owned = engine, False
+            raise TypeError(f"an engine is a docker.DockerClient, a URL or None, not {engine!r}")
     except (docker.errors.DockerException, OSError) as exc:
-        where = engine or os.environ.get("DOCKER_HOST", "the default socket")
         raise StartupError(
-            f"cannot reach a Docker engine at {where}: {exc}. Is dockerd running, and may this user use it?"
+            f"cannot reach a Docker engine at {name}: {exc}. Is dockerd running, and may this user use it?"
         ) from exc
     # The attach socket of an ssh engine has neither recv_into nor sendmsg.
     if client.api.base_url == "http+docker://ssh":
         if owned:
             client.close()
         raise StartupError(_NO_SSH)
-    return client, owned
+    return client, owned, name
 
 
 _NO_SSH = (
@@ -351,15 +356,86 @@ _NO_SSH = (
 )
 
 
-def _check_image(client: docker.DockerClient, image: str) -> None:
+def _weighted(engine: Any) -> list[tuple[Any, float]]:
+    """engine= as (engine, weight) pairs: one engine, or a list of engines and pairs."""
+    entries = engine if isinstance(engine, list) else [engine]
+    if not entries:
+        raise ValueError("engine must name at least one engine")
+    pairs = []
+    for entry in entries:
+        spec, weight = entry if isinstance(entry, tuple) else (entry, 1)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < math.inf:
+            raise ValueError(f"an engine's weight must be a positive number, not {weight!r}")
+        pairs.append((spec, weight))
+    return pairs
+
+
+class _Engine:
+    """An engine a pool runs blocks on: its client, its containers' exits, its share of the blocks."""
+
+    def __init__(self, client: docker.DockerClient, owned: bool, name: str, weight: float, exits: _ExitWatch) -> None:
+        self.client = client
+        self.api = client.api
+        self.owned = owned
+        self.name = name
+        self.weight = weight
+        self.exits = exits
+        # Owned by the pool's lock:
+        self.blocks = 0  # blocks placed here
+        self.lost = False  # it stopped answering: no block goes there again
+
+    def load(self) -> float:
+        """Its share of blocks with one more: the next block goes where this is least."""
+        return (self.blocks + 1) / self.weight
+
+    def answers(self) -> bool:
+        try:
+            return bool(self.api.ping())
+        except (docker.errors.DockerException, OSError):
+            return False
+
+    def close(self) -> None:
+        self.exits.close()
+        if self.owned:
+            self.client.close()
+
+
+def _connect_all(engine: Any, pool_size: int, image: str, pool_id: str, label: str) -> list[_Engine]:
+    """Every engine of engine=, ready for the pool; StartupError naming one that cannot serve."""
+    engines: list[_Engine] = []
+    try:
+        for spec, weight in _weighted(engine):
+            engines.append(_open_engine(spec, weight, pool_size, image, pool_id, label))
+    except BaseException:
+        for made in engines:
+            made.close()
+        raise
+    return engines
+
+
+def _open_engine(spec: Any, weight: float, pool_size: int, image: str, pool_id: str, label: str) -> _Engine:
+    """One engine, checked to have the image, its exits watched, its orphans swept."""
+    client, owned, name = _connect(spec, pool_size)
+    try:
+        _check_image(client, name, image)
+        engine = _Engine(client, owned, name, weight, _ExitWatch(client.api, pool_id, label))
+    except BaseException as exc:
+        if owned:
+            client.close()
+        if isinstance(exc, (docker.errors.DockerException, OSError)):
+            raise StartupError(f"cannot start a pool on the engine at {name}: {exc}") from exc
+        raise
+    _sweep_orphans(engine)
+    return engine
+
+
+def _check_image(client: docker.DockerClient, name: str, image: str) -> None:
     try:
         client.api.inspect_image(image)
     except docker.errors.ImageNotFound as exc:
-        raise StartupError(
-            f"image {image!r} is not on the engine at {client.api.base_url}: build or pull it first"
-        ) from exc
+        raise StartupError(f"image {image!r} is not on the engine at {name}: build or pull it first") from exc
     except (docker.errors.DockerException, OSError) as exc:
-        raise StartupError(f"cannot reach the Docker engine at {client.api.base_url}: {exc}") from exc
+        raise StartupError(f"cannot reach the Docker engine at {name}: {exc}") from exc
 
 
 def _owner(labels: Mapping[str, str]) -> str:
@@ -377,18 +453,25 @@ def _owner(labels: Mapping[str, str]) -> str:
     return "alive"
 
 
-def _sweep_orphans(client: docker.DockerClient) -> None:
-    """Remove containers that dead executors on this host left in Created.
+def _sweep_orphans(engine: _Engine) -> None:
+    """Remove containers that dead executors on this host left behind.
 
-    A caller killed between creating a container and starting it leaves it so:
-    StdinOnce and auto_remove only act on a started container.
+    A caller killed between creating a container and starting it leaves it in
+    Created: StdinOnce and auto_remove only act on a started container. On Podman,
+    which ignores StdinOnce, a killed caller's containers run on until their stubs
+    find the host silent (worker_stub.HOST_SILENCE).
     """
-    mine = {"label": [f"minipool.host={socket.gethostname()}"], "status": ["created"]}
-    for container in client.api.containers(all=True, filters=mine):
+    mine = {"label": [f"minipool.host={socket.gethostname()}"]}
+    try:
+        containers = engine.api.containers(all=True, filters=mine)
+    except (docker.errors.DockerException, OSError) as exc:
+        _logger.warning("could not look for orphaned containers on %s: %s", engine.name, exc)
+        return
+    for container in containers:
         if _owner(container["Labels"]) == "gone":
             _logger.info("removing container %s, whose owner is gone", container["Id"][:12])
             with contextlib.suppress(docker.errors.DockerException, OSError):
-                _remove_container(client.api, container["Id"])
+                _remove_container(engine.api, container["Id"])
 
 
 def _tar_entry(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
@@ -475,6 +558,7 @@ class _ExitWatch:
             filters={"type": "container", "event": ["die", "oom"], "label": f"minipool.executor={pool_id}"},
         )
         self._exits: dict[str, tuple[int | None, bool]] = {}
+        self._ended = False  # the engine went away, or close()
         self._changed = threading.Condition()
         threading.Thread(target=self._follow, name=f"minipool-{label}-events", daemon=True).start()
 
@@ -497,11 +581,16 @@ class _ExitWatch:
                         exit_code = int(event["Actor"]["Attributes"].get("exitCode", -1))
                     self._exits[container_id] = (exit_code, oom_killed)
                     self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
     def exit_of(self, container_id: str) -> tuple[int | None, bool]:
         """(exit code, OOM-killed) of a dead container; exit code None if not told in time."""
         with self._changed:
-            self._changed.wait_for(lambda: self._exits.get(container_id, (None,))[0] is not None, _EXIT_EVENT_WAIT)
+            self._changed.wait_for(
+                lambda: self._ended or self._exits.get(container_id, (None,))[0] is not None, _EXIT_EVENT_WAIT
+            )
             return self._exits.get(container_id, (None, False))
 
     def forget(self, container_id: str) -> None:
@@ -563,8 +652,9 @@ class _AttachStream:
 class _Container:
     """One running container with the stub in it, attached over one socket."""
 
-    def __init__(self, container_id: str, sock: socket.socket) -> None:
+    def __init__(self, container_id: str, sock: socket.socket, engine: _Engine) -> None:
         self.id = container_id
+        self.engine = engine
         self.short_id = container_id[:12]
         self.sock = sock
         self.stream = _AttachStream(sock, self._log_stderr)
@@ -580,13 +670,18 @@ class _Container:
         # Seconds a task takes here, a moving average. It starts slow (one task in
         # flight) and speeds up after a few quick tasks.
         self.pace = _PIPELINE_SECONDS * 10
-        self.last_done = 0.0
+        self.last_done = time.monotonic()  # or when it became ready
         # Owned by the pool's lock:
         self.in_flight: dict[int, _WorkItem] = {}
         self.sent = 0  # tasks sent, for max_tasks_per_block
         self.expired: dict[int, _WorkItem] = {}  # tasks that ran past task_timeout
         self.lost = False
+        self.retired = False  # idle past idle_timeout: its block ends with it
         self.reader: threading.Thread | None = None
+
+    def exit(self) -> tuple[int | None, bool]:
+        """(exit code, OOM-killed) of the dead container, as its engine told them."""
+        return self.engine.exits.exit_of(self.id)
 
     def _log_stderr(self, data: bytes | bytearray) -> None:
         """Log the container's stderr one record per line, tagged with the container."""
@@ -694,9 +789,8 @@ class _Pool:
     forgotten executor is collected and its finalizer shuts the pool down.
     """
 
-    def __init__(self, client: docker.DockerClient, owns_client: bool, settings: _Settings, blocks: int) -> None:
-        self._client = client
-        self._owns_client = owns_client
+    def __init__(self, engines: list[_Engine], settings: _Settings, blocks: int) -> None:
+        self._engines = engines
         self._settings = settings
         self._label = settings.label
         self._hello = {
@@ -710,20 +804,19 @@ class _Pool:
         self._shutdown = False
         self._broken: BaseException | None = None
         self._task_ids = itertools.count(1)
-        self._blocks_running = blocks
-        self._containers: set[_Container] = set()
+        self._block_numbers = itertools.count(1)
+        self._blocks = 0  # blocks that run or start a container, and are not retiring
+        self._alive = 0  # block threads not yet finished, retiring ones included
+        self._finished = False  # every block stopped, every engine closed
+        self._ever_ready = False  # a container of the pool has been ready once
+        self._containers: set[_Container] = set()  # ready, and taking tasks
+        self._threads: list[threading.Thread] = []
         # Reader threads run the futures' callbacks: see join().
         self._readers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        self._exits = _ExitWatch(client.api, settings.pool_id, settings.label)
         _live_pools.add(self)
-        self._threads = [
-            threading.Thread(
-                target=self._run_block, args=(index, blocks), name=f"minipool-{settings.label}-block-{index}"
-            )
-            for index in range(blocks)
-        ]
-        for thread in self._threads:
-            thread.start()
+        with self._changed:
+            for _ in range(blocks):
+                self._add_block()
 
     # -- called by the executor
 
@@ -739,6 +832,7 @@ class _Pool:
             task_id = self._assign(container, item) if container is not None else None
             if task_id is None:
                 self._pending.append(item)
+                self._scale_up()
             if task_id is None or item.deadline is not None:  # a deadline to watch
                 self._changed.notify_all()
         if container is not None and task_id is not None:
@@ -765,6 +859,7 @@ class _Pool:
             self._changed.notify_all()
         for item in cancelled:
             _cancel_queued(item)
+        self._finish_if_done()
 
     def stop_containers(self, how: signal.Signals, caller: str) -> None:
         """terminate_workers() and kill_workers(): cancel queued work, signal every
@@ -784,7 +879,8 @@ class _Pool:
                 _cancel_queued(item)
         for container in containers:
             with contextlib.suppress(docker.errors.DockerException, OSError):
-                self._client.api.kill(container.id, signal=how.name)
+                container.engine.api.kill(container.id, signal=how.name)
+        self._finish_if_done()
 
     def join(self) -> None:
         """Wait until every block has stopped and its container is removed.
@@ -795,7 +891,9 @@ class _Pool:
         me = threading.current_thread()
         if me in self._threads or me in self._readers:
             return
-        for thread in self._threads:
+        with self._changed:
+            self._changed.wait_for(lambda: self._finished)
+        for thread in list(self._threads):
             thread.join()
 
     def forget_in_child(self) -> None:
@@ -803,6 +901,7 @@ class _Pool:
         The lock may have been held by one of them at the fork: replace it."""
         self._changed = threading.Condition()
         self._broken = BrokenContainerPool("this pool belongs to the process this one was forked from")
+        self._finished = True  # nothing here to wait for
 
     # -- state
 
@@ -821,105 +920,172 @@ class _Pool:
             if item.running or item.future.set_running_or_notify_cancel():
                 item.future.set_exception(error)
 
-    def _block_finished(self) -> None:
+    def _finish_if_done(self) -> None:
+        """Once the pool closes and its last block has stopped: remove what is left,
+        close the engines, wake join()."""
         with self._changed:
-            self._blocks_running -= 1
-            last = self._blocks_running == 0
-        if last:
-            self._remove_leftovers()
-            self._exits.close()
-            if self._owns_client:
-                self._client.close()
-            _live_pools.discard(self)
-            _logger.debug("pool %s: every block has stopped", self._label)
+            if self._finished or self._alive or not self._closing():
+                return
+            self._finished = True  # claimed: this thread finishes the pool
+        for engine in self._engines:
+            self._remove_leftovers(engine)
+            engine.close()
+        _live_pools.discard(self)
+        _logger.debug("pool %s: every block has stopped", self._label)
+        with self._changed:
+            self._changed.notify_all()
 
-    def _remove_leftovers(self) -> None:
+    def _remove_leftovers(self, engine: _Engine) -> None:
         """The last word on leaks: remove any container of this pool still there
         (say, one the engine created after a create call had timed out)."""
-        api = self._client.api
         try:
             mine = {"label": f"minipool.executor={self._settings.pool_id}"}
-            for container in api.containers(all=True, filters=mine):
+            for container in engine.api.containers(all=True, filters=mine):
                 _logger.warning("pool %s: removing leftover container %s", self._label, container["Id"][:12])
-                _remove_container(api, container["Id"])
+                _remove_container(engine.api, container["Id"])
         except (docker.errors.DockerException, OSError) as exc:
-            _logger.warning("pool %s: could not check for leftover containers: %s", self._label, exc)
+            _logger.warning("pool %s: could not check %s for leftover containers: %s", self._label, engine.name, exc)
+
+    # -- scaling
+
+    def _add_block(self) -> None:
+        """Start a block thread (under the lock)."""
+        number = next(self._block_numbers)
+        self._blocks += 1
+        self._alive += 1
+        thread = threading.Thread(
+            target=self._run_block, args=(number,), name=f"minipool-{self._label}-block-{number}"
+        )
+        self._threads.append(thread)
+        thread.start()
+        self._changed.notify_all()
+
+    def _scale_up(self) -> None:
+        """Add a block while work waits that no idle or starting block will take (under the lock)."""
+        starting = self._blocks - len(self._containers)
+        idle = any(not container.in_flight for container in self._containers)
+        if self._blocks < self._settings.max_blocks and len(self._pending) > starting and not idle:
+            self._add_block()
+
+    def _retire_at(self, container: _Container) -> float | None:
+        """When the idle container's block is to be removed (idle_timeout); None if never (under the lock)."""
+        idle_timeout = self._settings.idle_timeout
+        if idle_timeout is None or container.in_flight or self._blocks <= self._settings.min_blocks:
+            return None
+        return container.last_done + idle_timeout
 
     # -- block threads
 
-    def _run_block(self, index: int, blocks: int) -> None:
-        """Keep one container running and fed until the pool closes; replace it when
-        lost, timed out or worn out (max_tasks_per_block)."""
+    def _run_block(self, number: int) -> None:
+        """Keep one container running and fed until the pool closes or the block
+        retires; replace it when lost, timed out or worn out (max_tasks_per_block)."""
+        container: _Container | None = None
         try:
             with self._changed:
                 # The first block starts alone, so that the first result does not wait
                 # for every container of the pool to be ready on a busy engine.
-                if index > 0:
+                if number > 1:
                     self._changed.wait_for(lambda: self._containers or self._closing(), _FIRST_BLOCK_HEAD_START)
-                if self._closing():
-                    return
             started = time.monotonic()
-            container: _Container | None = self._start_container()
+            container = self._start_block()
             while container is not None:
                 _logger.info(
-                    "pool %s: block %d/%d ready in container %s (%.2f s)",
-                    self._label, index + 1, blocks, container.short_id, time.monotonic() - started,
+                    "pool %s: block %d ready in container %s on %s (%.2f s; %d of at most %d blocks)",
+                    self._label, number, container.short_id, container.engine.name, time.monotonic() - started,
+                    self._blocks, self._settings.max_blocks,
                 )
                 try:
                     self._feed(container)
                 finally:
                     self._stop_container(container)
+                if container.retired:
+                    _logger.info("pool %s: block %d retired after idle_timeout", self._label, number)
+                    break
                 started = time.monotonic()
-                container = self._start_replacement()
+                container = self._start_block()
         except StartupError as exc:
             self._break(exc)
         except Exception as exc:
-            _logger.exception("pool %s: block %d failed", self._label, index + 1)
+            _logger.exception("pool %s: block %d failed", self._label, number)
             error = BrokenContainerPool(f"a block of pool {self._label} failed: {exc!r}")
             error.__cause__ = exc
             self._break(error)
         finally:
-            self._block_finished()
+            with self._changed:
+                self._alive -= 1
+                if container is None or not container.retired:
+                    self._blocks -= 1
+            self._finish_if_done()
 
-    def _start_replacement(self) -> _Container | None:
-        """A new container for a block that had one; None if the pool closes first.
+    def _start_block(self) -> _Container | None:
+        """A container for the block on the engine with the most room for it; None if
+        the pool closes first.
 
-        A first start that fails breaks the pool (the image or options are wrong);
-        a replacement is tried again first, as the engine may only have hiccuped.
+        An engine that stops answering loses its blocks to the others, and the pool
+        breaks only when none is left. A start that fails on an engine that answers
+        breaks the pool if no container of it was ever ready (the image or options
+        are wrong); otherwise it is tried again, as the engine may only have hiccuped.
         """
-        for attempt in range(1, _REPLACEMENT_TRIES + 1):
+        failures = 0
+        while True:
             with self._changed:
                 if self._closing():
                     return None
+                engine = self._place()
             try:
-                return self._start_container()
+                return self._start_container(engine)
             except StartupError as exc:
-                if attempt == _REPLACEMENT_TRIES:
+                with self._changed:
+                    engine.blocks -= 1
+                    ever_ready = self._ever_ready
+                if not engine.answers():
+                    self._lose_engine(engine, exc)
+                    continue
+                failures += 1
+                if not ever_ready or failures == _REPLACEMENT_TRIES:
                     raise
-                _logger.warning("pool %s: a replacement container failed to start: %s", self._label, exc)
+                _logger.warning("pool %s: a container failed to start, trying again: %s", self._label, exc)
             with self._changed:
                 self._changed.wait_for(self._closing, 1.0)
-        return None
 
-    def _start_container(self) -> _Container:
+    def _place(self) -> _Engine:
+        """The engine for a new container (under the lock): the least loaded for its weight."""
+        engines = [engine for engine in self._engines if not engine.lost]
+        if not engines:
+            raise StartupError(f"no engine is left: {', '.join(engine.name for engine in self._engines)} are lost")
+        engine = min(engines, key=_Engine.load)
+        engine.blocks += 1
+        return engine
+
+    def _lose_engine(self, engine: _Engine, exc: StartupError) -> None:
+        with self._changed:
+            engine.lost = True
+            left = sum(not other.lost for other in self._engines)
+        _logger.warning(
+            "pool %s: the engine at %s does not answer; %d engine(s) left take its blocks (%s)",
+            self._label, engine.name, left, exc,
+        )
+
+    def _start_container(self, engine: _Engine) -> _Container:
         """Create, attach, start, send the stub, handshake; StartupError otherwise.
 
         Attach comes before start and the stub says nothing before HELLO: bytes that
         arrive with the attach's HTTP answer can be lost in docker-py's reader.
         """
-        api = self._client.api
+        api = engine.api
+        exits = engine.exits
         try:
-            container_id = str(self._client.containers.create(**self._settings.create_options).id)
+            container_id = str(engine.client.containers.create(**self._settings.create_options).id)
         except (docker.errors.DockerException, OSError) as exc:
-            raise self._startup_error(exc, None) from exc
-        _logger.debug("pool %s: created container %s", self._label, container_id[:12])
-        self._exits.expect(container_id)
+            raise self._startup_error(exc, engine, None) from exc
+        _logger.debug("pool %s: created container %s on %s", self._label, container_id[:12], engine.name)
+        exits.expect(container_id)
         sock = container = None
         try:
             attach = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
             sock = _raw_socket(api.attach_socket(container_id, params=attach))
             _attach_sockets.add(sock)
-            container = _Container(container_id, sock)
+            container = _Container(container_id, sock, engine)
             api.start(container_id)
             deadline = time.monotonic() + self._settings.startup_timeout
             self._check_ready(container.handshake(self._settings.archive, self._hello, deadline))
@@ -929,10 +1095,10 @@ class _Pool:
             with contextlib.suppress(docker.errors.DockerException, OSError):
                 _remove_container(api, container_id)
             if isinstance(exc, StartupError) or not isinstance(exc, Exception):
-                self._exits.forget(container_id)
+                exits.forget(container_id)
                 raise
-            error = self._startup_error(exc, container)
-            self._exits.forget(container_id)
+            error = self._startup_error(exc, engine, container)
+            exits.forget(container_id)
             raise error from exc
         container.reader = threading.Thread(
             target=self._read_results, args=(container,), name=f"minipool-{self._label}-reader-{container.short_id}",
@@ -941,12 +1107,13 @@ class _Pool:
         self._readers.add(container.reader)
         with self._changed:
             self._containers.add(container)
+            self._ever_ready = True
             self._changed.notify_all()
         container.reader.start()
         return container
 
-    def _startup_error(self, exc: Exception, container: _Container | None) -> StartupError:
-        what = f"cannot start a container of image {self._settings.image!r}"
+    def _startup_error(self, exc: Exception, engine: _Engine, container: _Container | None) -> StartupError:
+        what = f"cannot start a container of image {self._settings.image!r} on {engine.name}"
         python = self._settings.create_options["command"][0]
         not_found = f"Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
         if isinstance(exc, docker.errors.APIError):
@@ -968,7 +1135,7 @@ class _Pool:
                 f"its stderr:\n{stderr}"
             )
         if isinstance(exc, EOFError):
-            exit_code, oom_killed = self._exits.exit_of(container.id)
+            exit_code, oom_killed = container.exit()
             # 126 and 127: the init could not run the command at all.
             hint = not_found if exit_code in (126, 127) else f"Is {python!r} a Python >= 3.8 interpreter?"
             return StartupError(
@@ -1006,7 +1173,7 @@ class _Pool:
         """Kill the container whose task ran out of time, then fail that task."""
         _logger.warning("pool %s: killing container %s: its task ran out of time", self._label, container.short_id)
         try:
-            _remove_container(self._client.api, container.id)
+            _remove_container(container.engine.api, container.id)
         except (docker.errors.DockerException, OSError) as exc:
             _logger.warning("pool %s: could not kill container %s: %s", self._label, container.short_id, exc)
         for item in container.expired.values():
@@ -1028,14 +1195,20 @@ class _Pool:
                         tasks.append((task_id, container.in_flight[task_id]))
                 if tasks:
                     return tasks
-                if container.lost or container.expire(time.monotonic()) or (
+                now = time.monotonic()
+                retire_at = self._retire_at(container)
+                if retire_at is not None and retire_at <= now:
+                    container.retired = True
+                    self._blocks -= 1
+                if container.lost or container.retired or container.expire(now) or (
                     (self._worn_out(container) or self._closing()) and not container.in_flight
                 ):
                     # No more tasks for it, from its block or from submit().
                     self._containers.discard(container)
                     return []
-                deadlines = [item.deadline for item in container.in_flight.values() if item.deadline is not None]
-                self._changed.wait(min(deadlines) - time.monotonic() if deadlines else None)
+                wake_at = [item.deadline for item in container.in_flight.values() if item.deadline is not None]
+                wake_at += [retire_at] if retire_at is not None else []
+                self._changed.wait(min(wake_at) - now if wake_at else None)
 
     def _worn_out(self, container: _Container) -> bool:
         limit = self._settings.max_tasks_per_block
@@ -1080,11 +1253,12 @@ class _Pool:
         assert reader is not None
         with self._changed:
             self._containers.discard(container)  # already, unless its block failed
+            container.engine.blocks -= 1
         with contextlib.suppress(OSError):
             container.send(_stub.STOP, 0, b"")
         reader.join(_EXIT_GRACE)
         try:
-            _remove_container(self._client.api, container.id)
+            _remove_container(container.engine.api, container.id)
         except (docker.errors.DockerException, OSError) as exc:
             _logger.warning("pool %s: could not remove container %s: %s", self._label, container.short_id, exc)
         reader.join(_EXIT_GRACE)
@@ -1094,7 +1268,7 @@ class _Pool:
             # decides whether the pool still has work.
             reader.join()
         container.sock.close()
-        self._exits.forget(container.id)
+        container.engine.exits.forget(container.id)
         _logger.debug("pool %s: container %s stopped", self._label, container.short_id)
 
     # -- reader threads
@@ -1187,7 +1361,7 @@ class _Pool:
         return True
 
     def _worker_lost(self, container: _Container) -> WorkerLost:
-        exit_code, oom_killed = self._exits.exit_of(container.id)
+        exit_code, oom_killed = container.exit()
         stderr = "\n".join(container.stderr_tail) or "(nothing)"
         message = (
             f"container {container.short_id} of image {self._settings.image!r} died while running the task "
@@ -1296,11 +1470,20 @@ class ContainerPoolExecutor(Executor):
         retries: int = 0,
         max_tasks_per_block: int | None = None,
         max_message_size: int = _MAX_MESSAGE,
+        min_blocks: int = 0,
+        max_blocks: int | None = None,
+        idle_timeout: float | None = None,
         label: str | None = None,
     ) -> None:
         _check_name("image", image)
         _check_name("python", python)
-        _check_count("blocks", blocks, 1)
+        _check_count("blocks", blocks, 0)
+        _check_count("min_blocks", min_blocks, 0)
+        _check_count("max_blocks", max_blocks, 1, optional=True)
+        max_blocks = max(blocks, 1) if max_blocks is None else max_blocks
+        if not min_blocks <= blocks <= max_blocks:
+            raise ValueError(f"need min_blocks <= blocks <= max_blocks, not {min_blocks}, {blocks}, {max_blocks}")
+        _check_seconds("idle_timeout", idle_timeout, optional=True)
         _check_seconds("startup_timeout", startup_timeout)
         _check_seconds("task_timeout", task_timeout, optional=True)
         _check_count("retries", retries, 0)
@@ -1315,10 +1498,8 @@ class ContainerPoolExecutor(Executor):
         self._label = label or image
         self._max_message_size = max_message_size
         pool_id = uuid.uuid4().hex[:12]
-        client, owns_client = _connect(engine, pool_size=blocks + 4)
+        engines = _connect_all(engine, max_blocks + 4, image, pool_id, self._label)
         try:
-            _check_image(client, image)
-            _sweep_orphans(client)
             settings = _Settings(
                 image=image,
                 label=self._label,
@@ -1332,14 +1513,15 @@ class ContainerPoolExecutor(Executor):
                 retries=retries,
                 max_tasks_per_block=max_tasks_per_block,
                 max_message_size=max_message_size,
+                min_blocks=min_blocks,
+                max_blocks=max_blocks,
+                idle_timeout=idle_timeout,
             )
             _install_exit_hooks()
-            self._pool = _Pool(client, owns_client, settings, blocks)
-        except BaseException as exc:
-            if owns_client:
-                client.close()
-            if isinstance(exc, (docker.errors.DockerException, OSError)):
-                raise StartupError(f"cannot start a pool on the engine at {client.api.base_url}: {exc}") from exc
+            self._pool = _Pool(engines, settings, blocks)
+        except BaseException:
+            for made in engines:
+                made.close()
             raise
         # A forgotten executor shuts its pool down when collected; exit is _python_exit's.
         weakref.finalize(self, self._pool.shutdown).atexit = False

@@ -263,8 +263,15 @@ def test_startup_failures_raise_startup_error_and_leave_nothing(make_pool, image
 @pytest.mark.parametrize(
     "bad, error",
     [
-        ({"blocks": 0}, ValueError),
+        ({"blocks": -1}, ValueError),
         ({"blocks": 1.5}, TypeError),
+        ({"blocks": 3, "max_blocks": 2}, ValueError),
+        ({"blocks": 1, "min_blocks": 2}, ValueError),
+        ({"max_blocks": 0}, ValueError),
+        ({"idle_timeout": 0}, ValueError),
+        ({"engine": []}, ValueError),
+        ({"engine": [("unix:///x.sock", 0)]}, ValueError),
+        ({"engine": 42}, TypeError),
         ({"image": ""}, ValueError),
         ({"image": None}, TypeError),
         ({"python": ""}, ValueError),
