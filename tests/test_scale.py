@@ -1,0 +1,93 @@
+"""Beyond one engine and a fixed size: blocks over several engines, elastic blocks."""
+
+import concurrent.futures as cf
+import time
+
+import pytest
+
+import helpers
+from conftest import APP1
+from conftest import APP2
+from conftest import DEADLOCK
+from conftest import HELPERS
+from conftest import containers_labelled
+from conftest import wait_until
+from minipool import ContainerPoolExecutor
+from minipool import StartupError
+
+
+@pytest.fixture
+def second_client(second_engine):
+    client = second_engine.client()
+    yield client
+    client.close()
+
+
+def spread(engine, second_client, label):
+    return len(containers_labelled(engine, label)), len(containers_labelled(second_client, label))
+
+
+# --------------------------------------------------------------------------- several engines
+
+
+def test_blocks_are_spread_over_the_engines(second_engine, second_client, engine, label):
+    with ContainerPoolExecutor(APP1, 4, engine=[None, second_engine.url], label=label, ship=[HELPERS]) as pool:
+        assert list(pool.map(helpers.double, range(100))) == [2 * i for i in range(100)]
+        wait_until(lambda: spread(engine, second_client, label) == (2, 2), what="two blocks on each engine")
+    wait_until(lambda: spread(engine, second_client, label) == (0, 0), timeout=15, what="containers to go")
+
+
+def test_weights_share_the_blocks_out(second_engine, second_client, engine, label):
+    engines = [(engine, 3), (second_engine.url, 1)]
+    with ContainerPoolExecutor(APP1, 4, engine=engines, label=label, ship=[HELPERS]) as pool:
+        assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+        wait_until(lambda: spread(engine, second_client, label) == (3, 1), what="three blocks here, one there")
+
+
+def test_an_engine_without_the_image_is_named(second_engine, label):
+    # The second engine holds app1 only.
+    with pytest.raises(StartupError, match=f"{APP2}.*{second_engine.url}"):
+        ContainerPoolExecutor(APP2, 2, engine=[None, second_engine.url], label=label)
+
+
+def test_an_engine_that_stops_loses_no_result(second_engine, second_client, engine, label):
+    pool = ContainerPoolExecutor(APP1, 4, engine=[None, second_engine.url], retries=2, label=label, ship=[HELPERS])
+    with pool:
+        futures = [pool.submit(helpers.sleep_then, 0.05, i) for i in range(200)]
+        wait_until(lambda: spread(engine, second_client, label) == (2, 2), what="two blocks on each engine")
+        wait_until(lambda: sum(f.done() for f in futures) >= 20, what="some results")
+        second_engine.stop()
+        assert [f.result(DEADLOCK) for f in futures] == list(range(200))
+        # The lost engine's blocks now run here.
+        wait_until(lambda: len(containers_labelled(engine, label)) == 4, what="its blocks re-placed")
+        assert list(pool.map(helpers.double, range(50))) == [2 * i for i in range(50)]
+
+
+# --------------------------------------------------------------------------- elastic blocks
+
+
+def test_blocks_are_added_while_work_waits(make_pool, engine, label):
+    pool = make_pool(blocks=1, max_blocks=4)
+    futures = [pool.submit(helpers.sleep_then, 1, i) for i in range(12)]
+    wait_until(lambda: len(containers_labelled(engine, label)) == 4, what="four blocks")
+    assert [f.result(DEADLOCK) for f in futures] == list(range(12))
+    assert len(containers_labelled(engine, label)) == 4, "more blocks than max_blocks"
+
+
+def test_idle_blocks_are_removed_down_to_min_blocks(make_pool, engine, label):
+    pool = make_pool(blocks=3, min_blocks=1, idle_timeout=1)
+    assert list(pool.map(helpers.sleep_then, [0.5] * 6, range(6))) == list(range(6))
+    wait_until(lambda: len(containers_labelled(engine, label)) == 1, what="idle blocks to go")
+    time.sleep(1.5)
+    assert len(containers_labelled(engine, label)) == 1, "fewer blocks than min_blocks"
+    assert pool.submit(helpers.double, 4).result(DEADLOCK) == 8
+
+
+def test_a_pool_scales_from_zero_and_back(make_pool, engine, label):
+    pool = make_pool(blocks=0, max_blocks=2, idle_timeout=0.5)
+    assert not containers_labelled(engine, label)
+    for round in range(2):
+        futures = [pool.submit(helpers.sleep_then, 0.5, i) for i in range(4)]
+        done, _ = cf.wait(futures, timeout=DEADLOCK)
+        assert [f.result() for f in futures] == list(range(4)), f"round {round}"
+        wait_until(lambda: not containers_labelled(engine, label), what="every idle block to go")
