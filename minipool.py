@@ -127,6 +127,12 @@ _FIRST_BLOCK_HEAD_START = 1.0
 # A replacement container that fails to start is tried this many times, a second
 # apart, before the pool is declared broken: the engine may have hiccuped.
 _REPLACEMENT_TRIES = 3
+# A stub whose host has been silent this long exits: on an engine that ignores
+# StdinOnce (Podman) that is how a killed caller's containers end. The host sends
+# a KEEPALIVE to each container six times as often.
+_HOST_SILENCE = 30.0
+# The most worker processes one container may run (workers_per_block).
+_MAX_WORKERS = 256
 # Docker's attach stream: each frame is stream type (1 stdout, 2 stderr) and length.
 _FRAME_HEADER = struct.Struct(">BxxxL")
 _STDOUT = 1
@@ -241,6 +247,7 @@ class _Settings:
     min_blocks: int
     max_blocks: int
     idle_timeout: float | None
+    workers_per_block: int
 
 
 class _ChunkSubmitter:
@@ -723,6 +730,16 @@ class _Container:
         with self._send_lock:
             _stub.write_message(self.writev, kind, task_id, [payload])
 
+    def keep_alive(self) -> None:
+        """Send a KEEPALIVE, unless a send is under way (which says as much)."""
+        if self._send_lock.acquire(blocking=False):
+            try:
+                _stub.write_message(self.writev, _stub.KEEPALIVE, 0, [])
+            except OSError:
+                pass  # the container is gone: its reader deals with that
+            finally:
+                self._send_lock.release()
+
     def send_tasks(self, tasks: list[tuple[int, _WorkItem]]) -> None:
         """Write the tasks in one go, noting the order in which the stub gets them."""
         parts = []
@@ -797,6 +814,8 @@ class _Pool:
             "python": list(sys.version_info[:2]),
             "cloudpickle": cloudpickle is not None,
             "max_message_size": settings.max_message_size,
+            "workers": settings.workers_per_block,
+            "silence": _HOST_SILENCE,
         }
         # _changed guards everything below and wakes every thread waiting on it.
         self._changed = threading.Condition()
@@ -817,6 +836,7 @@ class _Pool:
         with self._changed:
             for _ in range(blocks):
                 self._add_block()
+        threading.Thread(target=self._keep_alive, name=f"minipool-{self._label}-keepalive", daemon=True).start()
 
     # -- called by the executor
 
@@ -945,6 +965,17 @@ class _Pool:
                 _remove_container(engine.api, container["Id"])
         except (docker.errors.DockerException, OSError) as exc:
             _logger.warning("pool %s: could not check %s for leftover containers: %s", self._label, engine.name, exc)
+
+    def _keep_alive(self) -> None:
+        """Until the pool is finished, tell its containers now and then that the host
+        is there (worker_stub.Channel)."""
+        while True:
+            with self._changed:
+                if self._changed.wait_for(lambda: self._finished, _HOST_SILENCE / 6):
+                    return
+                containers = list(self._containers)
+            for container in containers:
+                container.keep_alive()
 
     # -- scaling
 
@@ -1226,8 +1257,9 @@ class _Pool:
 
     def _depth(self, container: _Container) -> int:
         # task_timeout kills the whole container: tasks queued behind the late one
-        # would be lost with it, so with a timeout there is one task in flight.
-        return 1 if self._settings.task_timeout is not None else container.depth()
+        # would be lost with it, so with a timeout there is one task in flight per worker.
+        workers = self._settings.workers_per_block
+        return workers if self._settings.task_timeout is not None else max(workers, container.depth())
 
     def _assign(self, container: _Container, item: _WorkItem) -> int | None:
         """Put the task in the container's flight (under the lock); its task id, or
@@ -1291,17 +1323,19 @@ class _Pool:
                 orphans = self._unstarted_last(container)
                 container.in_flight.clear()
                 if error is None and self._broken is None:
-                    # The container died (the stream ended): the stub runs tasks in
-                    # the order it got them, so only the first it got had started. The
-                    # others go back to the front of the queue, unharmed. (After a
-                    # ProtocolError the stub may run them still: they fail with it.)
-                    started = orphans[:1] if orphans and orphans[0][0] in container.sent_order else []
+                    # The container died (the stream ended): the stub starts tasks in
+                    # the order it got them, so only the first it got (one per worker)
+                    # had started. The others go back to the front of the queue,
+                    # unharmed. (After a ProtocolError the stub may run them still:
+                    # they fail with it.)
+                    sent = [task for task in orphans if task[0] in container.sent_order]
+                    started = sent[: self._settings.workers_per_block]
                     self._pending.extendleft(reversed([item for _, item in orphans[len(started):]]))
                     orphans = started
                 self._changed.notify_all()
             _logger.debug("pool %s: stream of container %s ended", self._label, container.short_id)
             if orphans:
-                self._orphaned([item for _, item in orphans], error or self._worker_lost(container))
+                self._orphaned([item for _, item in orphans], error or self._container_lost(container))
 
     @staticmethod
     def _unstarted_last(container: _Container) -> list[tuple[int, _WorkItem]]:
@@ -1312,7 +1346,7 @@ class _Pool:
         """Settle each future as its result arrives, until the stream ends."""
         while True:
             kind, task_id, payload = container.receive(self._settings.max_message_size)
-            if kind not in (_stub.RESULT, _stub.RAISED):
+            if kind not in (_stub.RESULT, _stub.RAISED, _stub.LOST):
                 raise ValueError(f"unexpected message kind {kind} for task {task_id}")
             with self._changed:
                 item = container.in_flight.pop(task_id, None)
@@ -1322,9 +1356,12 @@ class _Pool:
                 continue  # the answer of a task that had just run out of time
             if item is None:
                 raise ValueError(f"a result for task {task_id}, which is not running there")
-            container.note_done(item)
             container.task_done()
             container.sent_order.pop(task_id, None)
+            if kind == _stub.LOST:
+                self._orphaned([item], self._process_lost(container, payload))
+                continue
+            container.note_done(item)
             try:
                 _settle(item.future, kind, payload)
             finally:
@@ -1360,13 +1397,20 @@ class _Pool:
         _logger.info("pool %s: running a lost task again (attempt %d)", self._label, len(item.attempts) + 1)
         return True
 
-    def _worker_lost(self, container: _Container) -> WorkerLost:
+    def _container_lost(self, container: _Container) -> WorkerLost:
         exit_code, oom_killed = container.exit()
+        what = f"container {container.short_id} of image {self._settings.image!r} died while running the task"
+        return self._lost(container, what, exit_code, oom_killed)
+
+    def _process_lost(self, container: _Container, payload: bytearray | mmap.mmap) -> WorkerLost:
+        """A LOST message: a worker process of the container died, another took its place."""
+        exit_code = json.loads(bytes(payload))["exit_code"]
+        what = f"a worker process in container {container.short_id} died while running the task"
+        return self._lost(container, what, exit_code, False)
+
+    def _lost(self, container: _Container, what: str, exit_code: int | None, oom_killed: bool) -> WorkerLost:
         stderr = "\n".join(container.stderr_tail) or "(nothing)"
-        message = (
-            f"container {container.short_id} of image {self._settings.image!r} died while running the task "
-            f"({_describe_exit(exit_code, oom_killed)}). Its last stderr lines:\n{stderr}"
-        )
+        message = f"{what} ({_describe_exit(exit_code, oom_killed)}). Its last stderr lines:\n{stderr}"
         _logger.warning("pool %s: %s", self._label, message)
         return WorkerLost(message, container.id, exit_code, oom_killed, container.stderr_tail)
 
@@ -1473,6 +1517,7 @@ class ContainerPoolExecutor(Executor):
         min_blocks: int = 0,
         max_blocks: int | None = None,
         idle_timeout: float | None = None,
+        workers_per_block: int = 1,
         label: str | None = None,
     ) -> None:
         _check_name("image", image)
@@ -1484,6 +1529,9 @@ class ContainerPoolExecutor(Executor):
         if not min_blocks <= blocks <= max_blocks:
             raise ValueError(f"need min_blocks <= blocks <= max_blocks, not {min_blocks}, {blocks}, {max_blocks}")
         _check_seconds("idle_timeout", idle_timeout, optional=True)
+        _check_count("workers_per_block", workers_per_block, 1)
+        if workers_per_block > _MAX_WORKERS:
+            raise ValueError(f"workers_per_block must be <= {_MAX_WORKERS}, not {workers_per_block}")
         _check_seconds("startup_timeout", startup_timeout)
         _check_seconds("task_timeout", task_timeout, optional=True)
         _check_count("retries", retries, 0)
@@ -1516,6 +1564,7 @@ class ContainerPoolExecutor(Executor):
                 min_blocks=min_blocks,
                 max_blocks=max_blocks,
                 idle_timeout=idle_timeout,
+                workers_per_block=workers_per_block,
             )
             _install_exit_hooks()
             self._pool = _Pool(engines, settings, blocks)
@@ -1571,7 +1620,13 @@ class ContainerPoolExecutor(Executor):
         }
         # stdin_open without detach makes docker-py set StdinOnce: the engine closes
         # the stub's stdin when our attach connection drops, even if we are killed.
-        options.update(image=image, command=[python, "-c", _stub.BOOTSTRAP], stdin_open=True, tty=False, detach=False)
+        options.update(
+            image=image,
+            command=[python, "-c", _stub.BOOTSTRAP, str(_HOST_SILENCE)],
+            stdin_open=True,
+            tty=False,
+            detach=False,
+        )
         return options
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:

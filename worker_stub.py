@@ -23,7 +23,10 @@ Standard library only; runs on any CPython >= 3.8. The host also imports this
 module for the protocol's definitions, so the two sides cannot drift apart.
 """
 
+import collections
+import contextlib
 import faulthandler
+import fcntl
 import functools
 import json
 import mmap
@@ -33,7 +36,9 @@ import select
 import signal
 import struct
 import sys
+import tempfile
 import threading
+import time
 import traceback
 
 MAGIC = 0x4D50  # b"MP": a stray byte on the channel fails loudly instead of being parsed
@@ -47,25 +52,33 @@ LARGE = 1 << 20
 
 # Message kinds. Host to stub:
 BOOT = 8  # tar of worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules)
-HELLO = 1  # JSON: {"python": [major, minor], "cloudpickle": bool, "max_message_size": n}
+HELLO = 1  # JSON: {"python": [major, minor], "cloudpickle": bool, "max_message_size": n, "workers": n,
+#                   "silence": seconds}
 CALL = 2  # pickle of (fn, args, kwargs)
 CHUNK = 3  # pickle of (fn, [args, ...]): one message for a chunk of map()
 STOP = 7  # empty: exit once the tasks sent before it are done
+KEEPALIVE = 9  # empty: the host is there (it sends one every few seconds)
 # Stub to host:
 READY = 4  # JSON: {"python": [major, minor, micro], "pickle_protocol": n, "pid": n}
 RESULT = 5  # pickle of the return value (a list for CHUNK)
 RAISED = 6  # pickle of (type name, message, traceback text, pickled exception or None)
+LOST = 10  # JSON: {"exit_code": n}: the worker process running the task died; another took its place
 
 
-# The container's command: `python3 -c BOOTSTRAP`. The stub arrives over stdin
-# rather than by the engine's put_archive, which a read-only root filesystem
-# refuses; the bootstrap writes only to a new temporary directory.
+# The container's command: `python3 -c BOOTSTRAP SILENCE`. The stub arrives over
+# stdin rather than by the engine's put_archive, which a read-only root filesystem
+# refuses; the bootstrap writes only to a new temporary directory. It gives up if
+# the host sends nothing for SILENCE seconds (a host killed or frozen as it
+# started the container, on an engine that ignores StdinOnce).
 BOOTSTRAP = """
-import io, os, struct, sys, tarfile, tempfile
+import io, os, select, struct, sys, tarfile, tempfile
+silence = float(sys.argv[1]) if len(sys.argv) > 1 else None
 def read(size):
     data = bytearray(size)
     view = memoryview(data)
     while view:
+        if not select.select([0], [], [], silence)[0]:
+            sys.exit("minipool bootstrap: the host sent nothing for %%s s" %% silence)
         count = os.readv(0, [view])
         if not count:
             sys.exit("minipool bootstrap: stdin closed before the worker arrived")
@@ -236,18 +249,6 @@ def run_task(kind, payload, dumps, hint, max_size):
     return RESULT, parts
 
 
-def watch_for_hangup(fd):
-    """End the container as soon as the host goes away (the engine closes our stdin),
-    even while a task runs. poll() reports the hangup without reading anything, so
-    the main thread alone reads the tasks: no thread hand-off per task."""
-    poller = select.poll()
-    poller.register(fd, select.POLLHUP | getattr(select, "POLLRDHUP", 0))
-    while not poller.poll():
-        pass
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def handshake(readinto, writev):
     """Answer the host's HELLO; return it as a dict."""
     kind, _, payload = read_message(readinto, 1 << 20)
@@ -270,33 +271,258 @@ def version_hint(host_python):
     )
 
 
+HANGUP = select.POLLHUP | getattr(select, "POLLRDHUP", 0)
+
+
+def host_gone(why):
+    sys.stderr.write("minipool worker: %s; exiting\n" % why)
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class Channel:
+    """The host's messages, read by the main thread; while it runs a task, by the
+    watcher thread, which keeps them for it in order.
+
+    The watcher ends the container as soon as the host goes away: on a hangup of
+    stdin (the engine closes it when the attach connection drops, unless the
+    engine ignores StdinOnce, as Podman does), or when the host has been silent
+    for `silence` seconds (it sends KEEPALIVE every few). poll() reports a hangup
+    without reading anything, so between tasks the main thread alone reads: no
+    thread hand-off per task.
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.silence = float("inf")  # seconds, from the host's HELLO
+        self.readinto = os.fdopen(fd, "rb", buffering=0).readinto
+        self.lock = threading.Lock()  # held by whichever thread reads
+        self.early: collections.deque = collections.deque()  # messages the watcher read
+        self.busy = False  # the main thread runs a task
+        self.heard = time.monotonic()
+
+    def read(self):
+        """The next message that is not a KEEPALIVE, for the main thread."""
+        with self.lock:
+            while True:
+                kind, task_id, payload = self.early.popleft() if self.early else self.receive()
+                if kind != KEEPALIVE:
+                    return kind, task_id, payload
+
+    def receive(self):
+        """The next message, KEEPALIVE included (by the thread that reads)."""
+        message = read_message(self.readinto, sys.maxsize)
+        self.heard = time.monotonic()
+        return message
+
+    def watch(self):
+        poller = select.poll()
+        while True:
+            poller.register(self.fd, HANGUP | (select.POLLIN if self.busy else 0))
+            events = poller.poll(1000)
+            if any(event & HANGUP for _, event in events):
+                host_gone("the host hung up")
+            if events and self.busy and self.lock.acquire(blocking=False):
+                try:
+                    self.early.append(self.receive())
+                except EOFError:
+                    host_gone("the host hung up")
+                finally:
+                    self.lock.release()
+            why = self.unheard()
+            if why:
+                host_gone(why)
+
+    def unheard(self):
+        """Why the host counts as gone when it has been silent too long, else ''."""
+        if time.monotonic() - self.heard > self.silence:
+            return "the host has been silent for %d s" % self.silence
+        return ""
+
+
+def serve(channel, writev, run):
+    """Run the host's tasks one at a time in this thread until STOP."""
+    threading.Thread(target=channel.watch, name="minipool-watch", daemon=True).start()
+    while True:
+        try:
+            kind, task_id, payload = channel.read()
+        except EOFError:
+            return
+        if kind == STOP:
+            return
+        channel.busy = True
+        reply, parts = run(kind, payload)
+        del payload
+        write_message(writev, reply, task_id, parts)
+        channel.busy = False
+        del parts
+
+
+def exit_code(status):
+    """A wait status as the engine reports a container's: 128 + signal when killed."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+class Workers:
+    """Several worker processes sharing the channel, so one container uses several
+    cores. This process reads the host's messages and hands each task to an idle
+    worker over a pipe; the workers write their results to the channel themselves,
+    one at a time (a lock), so they go back in the order they finish. A worker that
+    dies is replaced, and the host is told which task it lost (LOST)."""
+
+    IDLE, WRITING = 0, 1
+
+    def __init__(self, count, channel_out, run):
+        self.writev = functools.partial(os.writev, channel_out)
+        self.run = run
+        # Kept open for life; fcntl locks are per process, so it excludes workers from each other.
+        self.lock = tempfile.TemporaryFile()  # noqa: SIM115
+        self.states = mmap.mmap(-1, count)  # shared: what each worker is doing, by slot
+        self.done_read, self.done_write = os.pipe()  # a worker writes its slot there when idle again
+        self.pids = {}  # pid -> slot
+        self.pipes = {}  # slot -> write end of its task pipe
+        self.running = {}  # slot -> task id
+        self.idle: collections.deque = collections.deque()
+        for slot in range(count):
+            self.start(slot)
+
+    def start(self, slot):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(write_end)
+            self.work(slot, read_end)
+        os.close(read_end)
+        self.pids[pid] = slot
+        self.pipes[slot] = write_end
+        self.idle.append(slot)
+
+    def work(self, slot, read_end):
+        """A worker process: run the tasks that come down its pipe, forever."""
+        readinto = os.fdopen(read_end, "rb", buffering=0).readinto
+        while True:
+            try:
+                kind, task_id, payload = read_message(readinto, sys.maxsize)
+            except EOFError:
+                os._exit(0)
+            reply, parts = self.run(kind, payload)
+            del payload
+            with self.writing(slot):
+                write_message(self.writev, reply, task_id, parts)
+            del parts
+            os.write(self.done_write, bytes([slot]))
+
+    @contextlib.contextmanager
+    def writing(self, slot):
+        """Hold the channel for one message, noting who writes: a worker that dies
+        while it writes leaves half a message behind."""
+        fcntl.lockf(self.lock, fcntl.LOCK_EX)
+        self.states[slot] = self.WRITING
+        try:
+            yield
+        finally:
+            self.states[slot] = self.IDLE
+            fcntl.lockf(self.lock, fcntl.LOCK_UN)
+
+    def hand(self, kind, task_id, payload):
+        """Give a task to an idle worker."""
+        slot = self.idle.popleft()
+        self.running[slot] = task_id
+        with contextlib.suppress(OSError):  # the worker died: reap() reports its task lost
+            write_message(functools.partial(os.writev, self.pipes[slot]), kind, task_id, [payload])
+
+    def finished(self, slots):
+        for slot in slots:
+            if self.running.pop(slot, None) is not None:
+                self.idle.append(slot)
+
+    def reap(self):
+        """Replace the workers that died; tell the host which tasks they took with them."""
+        while self.pids:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if not pid:
+                return
+            slot = self.pids.pop(pid)
+            if self.states[slot] == self.WRITING:
+                sys.stderr.write("minipool worker: a worker died while writing its result; the channel is broken\n")
+                os._exit(70)
+            os.close(self.pipes.pop(slot))
+            task_id = self.running.pop(slot, None)
+            if task_id is not None:
+                lost = json.dumps({"exit_code": exit_code(status), "pid": pid}).encode()
+                with self.writing(slot):
+                    write_message(self.writev, LOST, task_id, [lost])
+            self.start(slot)
+
+    def kill(self):
+        for pid in self.pids:
+            os.kill(pid, signal.SIGKILL)
+
+
+def supervise(channel, workers):
+    """The loop of the process that owns the channel when there are several workers:
+    read the host's messages, hand out tasks, replace dead workers. Returns why the
+    host is gone, or '' after STOP."""
+    backlog: collections.deque = collections.deque()
+    stopping = False
+    poller = select.poll()
+    poller.register(channel.fd, select.POLLIN | HANGUP)
+    poller.register(workers.done_read, select.POLLIN)
+    # Dead workers are found by polling: 100 ms at most before one is replaced.
+    while not (stopping and not backlog and not workers.running):
+        for fd, event in poller.poll(100):
+            if fd == workers.done_read:
+                workers.finished(os.read(workers.done_read, 4096))
+            elif event & HANGUP:
+                return "the host hung up"
+            elif not stopping:
+                try:
+                    kind, task_id, payload = channel.receive()
+                except EOFError:
+                    return "the host hung up"
+                if kind == STOP:
+                    stopping = True
+                    poller.modify(channel.fd, HANGUP)  # what comes after STOP is not read
+                elif kind != KEEPALIVE:
+                    backlog.append((kind, task_id, payload))
+        while backlog and workers.idle:
+            workers.hand(*backlog.popleft())
+        workers.reap()
+        why = channel.unheard()
+        if why:
+            return why
+    return ""
+
+
 def main():
     channel_in, channel_out = private_channel()
     faulthandler.enable()
     # As PID 1 (a container without an init) Python would ignore SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
-    readinto = os.fdopen(channel_in, "rb", buffering=0).readinto
+    channel = Channel(channel_in)
     writev = functools.partial(os.writev, channel_out)
-    hello = handshake(readinto, writev)
+    hello = handshake(channel.readinto, writev)
+    channel.silence = hello["silence"]
     # The shipped code and cloudpickle first, then the working directory, where the
     # seed's `import app1` finds /home/app1.py. They take the place of sys.path[0].
     home = os.path.dirname(os.path.abspath(__file__))
     sys.path[0:1] = [os.path.join(home, "ship"), os.path.join(home, "lib"), os.getcwd()]
-    dumps = serializer(hello["cloudpickle"])
-    hint = version_hint(hello["python"])
-    max_size = hello["max_message_size"]
-    threading.Thread(target=watch_for_hangup, args=(channel_in,), name="minipool-hangup", daemon=True).start()
-    while True:
-        try:
-            kind, task_id, payload = read_message(readinto, sys.maxsize)
-        except EOFError:
-            break
-        if kind == STOP:
-            break
-        reply, parts = run_task(kind, payload, dumps, hint, max_size)
-        del payload
-        write_message(writev, reply, task_id, parts)
-        del parts
+    run = functools.partial(
+        run_task,
+        dumps=serializer(hello["cloudpickle"]),
+        hint=version_hint(hello["python"]),
+        max_size=hello["max_message_size"],
+    )
+    if hello["workers"] == 1:
+        serve(channel, writev, run)
+    else:
+        workers = Workers(hello["workers"], channel_out, run)
+        gone = supervise(channel, workers)
+        workers.kill()  # idle after STOP; else their results have nowhere to go
+        if gone:
+            host_gone(gone)
     sys.stderr.flush()
     os._exit(0)
 

@@ -85,6 +85,11 @@ def noisy(value):
     return value
 
 
+def pid_after(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def where():
     return os.getcwd(), sys.path
 

@@ -15,6 +15,7 @@ import worker_stub as stub
 
 STUB = stub.__file__
 TESTS = os.path.dirname(os.path.abspath(__file__))
+HELLO = {"cloudpickle": True, "max_message_size": 1 << 30, "workers": 1, "silence": 30}
 
 
 class Stub:
@@ -26,7 +27,7 @@ class Stub:
             [sys.executable, STUB], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
         self.writev = lambda views: self.process.stdin.write(b"".join(views))
-        hello = hello or {"python": list(sys.version_info[:2]), "cloudpickle": True, "max_message_size": 1 << 30}
+        hello = hello or {**HELLO, "python": list(sys.version_info[:2])}
         self.send(stub.HELLO, 0, json.dumps(hello).encode())
         kind, _, payload = self.receive()
         assert kind == stub.READY
@@ -147,7 +148,7 @@ def test_bootstrap_unpacks_the_worker_into_a_temporary_directory():
     )
     writev = lambda views: process.stdin.write(b"".join(views))  # noqa: E731
     stub.write_message(writev, stub.BOOT, 0, [minipool._stub_archive([os.path.join(TESTS, "helpers.py")])])
-    hello = {"python": [3, 0], "cloudpickle": True, "max_message_size": 1 << 30}
+    hello = {**HELLO, "python": [3, 0]}
     stub.write_message(writev, stub.HELLO, 0, [json.dumps(hello).encode()])
     stub.write_message(writev, stub.CALL, 1, [pickle.dumps((helpers.where, (), {}))])
     process.stdin.flush()
@@ -226,7 +227,7 @@ def test_garbage_ends_the_stub_with_a_message(worker):
 
 def test_version_mismatch_is_named_when_unpickling_fails():
     other = [sys.version_info[0], sys.version_info[1] + 1]
-    worker = Stub({"python": other, "cloudpickle": False, "max_message_size": 1 << 30})
+    worker = Stub({**HELLO, "python": other, "cloudpickle": False})
     try:
         worker.send(stub.CALL, 1, b"not a pickle")
         _, message, _, _ = pickle.loads(worker.receive()[2])
@@ -234,6 +235,65 @@ def test_version_mismatch_is_named_when_unpickling_fails():
     finally:
         worker.process.send_signal(signal.SIGKILL)
         worker.close()
+
+
+def test_keepalives_are_skipped_between_and_during_tasks(worker):
+    worker.call(1, helpers.sleep_then, 0.5, "slow")
+    for _ in range(3):
+        worker.send(stub.KEEPALIVE, 0, b"")
+        time.sleep(0.05)
+    worker.call(2, helpers.double, 2)
+    assert [_reply(worker), _reply(worker)] == [(stub.RESULT, 1, "slow"), (stub.RESULT, 2, 4)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("task", [0, 60], ids=["idle", "running a task"])
+def test_a_silent_host_ends_the_stub(workers, task):
+    worker = Stub({**HELLO, "python": list(sys.version_info[:2]), "silence": 1, "workers": workers})
+    if task:
+        worker.call(1, helpers.sleep_then, task)
+    assert worker.process.wait(timeout=10) == 0
+    assert "the host has been silent for 1 s" in worker.close()
+
+
+@pytest.fixture
+def workers():
+    process = Stub({**HELLO, "python": list(sys.version_info[:2]), "workers": 3})
+    yield process
+    if process.process.poll() is None:
+        process.process.kill()
+    process.close()
+
+
+def test_workers_share_the_channel_and_answer_as_they_finish(workers):
+    for task_id, seconds in enumerate([0.6, 0.3, 0], 1):
+        workers.call(task_id, helpers.pid_after, seconds)
+    replies = [_reply(workers) for _ in range(3)]
+    assert [task_id for _, task_id, _ in replies] == [3, 2, 1]
+    assert len({pid for _, _, pid in replies}) == 3
+
+
+def test_a_dead_worker_is_reported_and_replaced(workers):
+    workers.call(1, helpers.pid_after, 0)
+    workers.call(2, helpers.kill_self)
+    replies = sorted([workers.receive(), workers.receive()], key=lambda reply: reply[1])
+    assert replies[0][0] == stub.RESULT
+    assert replies[1][:2] == (stub.LOST, 2) and json.loads(replies[1][2])["exit_code"] == 128 + signal.SIGKILL
+    pids = set()
+    for task_id in range(3, 9):
+        workers.call(task_id, helpers.pid_after, 0.2)
+    for _ in range(6):
+        kind, _, pid = _reply(workers)
+        pids.add(pid)
+    assert kind == stub.RESULT and len(pids) == 3
+
+
+def test_workers_finish_what_came_before_stop(workers):
+    for task_id in range(1, 5):
+        workers.call(task_id, helpers.sleep_then, 0.2, task_id)
+    workers.send(stub.STOP, 0, b"")
+    assert sorted(_reply(workers)[2] for _ in range(4)) == [1, 2, 3, 4]
+    assert workers.process.wait(timeout=10) == 0
 
 
 def _reply(worker):

@@ -1,6 +1,5 @@
 """Beyond one engine and a fixed size: blocks over several engines, elastic blocks."""
 
-import concurrent.futures as cf
 import time
 
 import pytest
@@ -88,6 +87,5 @@ def test_a_pool_scales_from_zero_and_back(make_pool, engine, label):
     assert not containers_labelled(engine, label)
     for round in range(2):
         futures = [pool.submit(helpers.sleep_then, 0.5, i) for i in range(4)]
-        done, _ = cf.wait(futures, timeout=DEADLOCK)
-        assert [f.result() for f in futures] == list(range(4)), f"round {round}"
+        assert [f.result(DEADLOCK) for f in futures] == list(range(4)), f"round {round}"
         wait_until(lambda: not containers_labelled(engine, label), what="every idle block to go")

@@ -1,0 +1,59 @@
+"""Several worker processes in one container, and a host that falls silent."""
+
+import signal
+
+import pytest
+
+import helpers
+from conftest import DEADLOCK
+from conftest import containers_labelled
+from conftest import start_script
+from conftest import wait_until
+from minipool import WorkerLost
+
+
+def test_one_container_runs_tasks_in_several_processes(make_pool, engine, label):
+    pool = make_pool(workers_per_block=3)
+    pids = set(pool.map(helpers.pid_after, [0.3] * 9))
+    assert len(pids) == 3
+    assert len(containers_labelled(engine, label)) == 1
+
+
+def test_a_dying_worker_process_loses_its_task_only_and_the_container_stays(make_pool, engine, label):
+    pool = make_pool(workers_per_block=2)
+    slow = pool.submit(helpers.sleep_then, 1, "slow")
+    doomed = pool.submit(helpers.kill_self)
+    with pytest.raises(WorkerLost, match=r"a worker process in container \w+ died") as info:
+        doomed.result(DEADLOCK)
+    assert info.value.exit_code == 128 + signal.SIGKILL
+    assert slow.result(DEADLOCK) == "slow"
+    assert list(pool.map(helpers.double, range(10))) == [2 * i for i in range(10)]
+    assert containers_labelled(engine, label) == [info.value.container_id]
+
+
+def test_a_lost_process_task_is_retried(make_pool, tmp_path):
+    pool = make_pool(workers_per_block=2, retries=1, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
+    assert pool.submit(helpers.die_once, "/shared/marker").result(DEADLOCK) == "second time lucky"
+
+
+def test_a_host_that_stops_answering_loses_its_containers(images, engine, label):
+    """Without StdinOnce (Podman), or with the caller frozen: the stub exits when
+    the host has been silent for _HOST_SILENCE seconds."""
+    process = start_script(
+        f"""
+        import os, signal
+        import minipool, helpers
+        minipool._HOST_SILENCE = 2
+        pool = minipool.ContainerPoolExecutor("app1_v0.1", 2, label="{label}", ship=["{helpers.__file__}"])
+        pool.submit(helpers.double, 1).result()
+        print("ready", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        """
+    )
+    try:
+        assert process.stdout.readline() == "ready\n"
+        wait_until(lambda: len(containers_labelled(engine, label)) == 2, what="both blocks")
+        wait_until(lambda: not containers_labelled(engine, label), timeout=DEADLOCK / 2, what="containers to exit")
+    finally:
+        process.kill()
+        process.communicate()
