@@ -94,12 +94,15 @@ __version__ = "0.1.0"
 _logger = logging.getLogger(__name__)
 _worker_logger = logging.getLogger(__name__ + ".worker")
 
-# Pipelining: a container is sent more tasks while it runs one, as many as it
-# would finish in this much time (judged from its recent pace), so short tasks
-# stream without a round trip each while long ones still go one at a time to
-# whichever block is free, and balance.
+# Pipelining: a container is sent more tasks while it runs one, as long as what
+# it holds would be done in this much time per worker (judged from the recent
+# pace of each function), so short tasks stream without a round trip each while
+# long ones still go one at a time to whichever block is free, and balance; a
+# long task is never queued behind short ones, nor short ones behind it.
 _PIPELINE_SECONDS = 0.002
 _MAX_IN_FLIGHT = 64
+# The pace assumed of a function not seen yet: slow, so it goes one at a time.
+_FIRST_PACE = _PIPELINE_SECONDS * 10
 # A task message up to this size is sent by the submitting thread itself when a
 # container is idle (small enough that the send returns at once).
 _DIRECT_SEND = 1 << 16
@@ -214,11 +217,16 @@ class _RemoteTraceback(Exception):
 
 
 class _WorkItem:
-    __slots__ = ("attempts", "deadline", "future", "kind", "parts", "running", "sent_at", "size")
+    __slots__ = (
+        "attempts", "deadline", "expected", "future", "kind", "pace_key", "parts", "running", "sent_at", "size",
+    )
 
-    def __init__(self, future: Future, kind: int, parts: list, size: int) -> None:
+    def __init__(self, future: Future, kind: int, fn: Callable[..., Any], parts: list, size: int) -> None:
         self.future = future
         self.kind = kind
+        # Tasks of one function (and kind: a chunk holds several calls) share a pace.
+        self.pace_key = (kind, getattr(fn, "__module__", None), getattr(fn, "__qualname__", type(fn).__qualname__))
+        self.expected = _FIRST_PACE  # seconds it should take, once sent
         self.parts = parts  # the pickled call, as the buffers the pickler wrote
         self.size = size
         self.running = False  # its future is RUNNING: it was taken by a container once
@@ -674,12 +682,10 @@ class _Container:
         self._sends = itertools.count()
         # Task id -> its place in the stub's stdin; the stub runs tasks in that order.
         self.sent_order: dict[int, int] = {}
-        # Seconds a task takes here, a moving average. It starts slow (one task in
-        # flight) and speeds up after a few quick tasks.
-        self.pace = _PIPELINE_SECONDS * 10
         self.last_done = time.monotonic()  # or when it became ready
         # Owned by the pool's lock:
         self.in_flight: dict[int, _WorkItem] = {}
+        self.backlog = 0.0  # seconds the tasks in flight should take, all told
         self.sent = 0  # tasks sent, for max_tasks_per_block
         self.expired: dict[int, _WorkItem] = {}  # tasks that ran past task_timeout
         self.lost = False
@@ -750,15 +756,12 @@ class _Container:
                 self.sent_order[task_id] = next(self._sends)
             _stub.send_parts(self.writev, parts)
 
-    def depth(self) -> int:
-        """How many tasks to keep in flight here, from the pace of the last ones."""
-        return min(_MAX_IN_FLIGHT, 1 + int(_PIPELINE_SECONDS / max(self.pace, 1e-6)))
-
-    def note_done(self, item: _WorkItem) -> None:
-        """Update the pace: a task ran from when it was sent or the previous one ended."""
+    def task_seconds(self, item: _WorkItem) -> float:
+        """How long the task that just ended ran: from when it was sent or the previous one ended."""
         now = time.monotonic()
-        self.pace += (now - max(item.sent_at, self.last_done) - self.pace) / 5
+        seconds = now - max(item.sent_at, self.last_done)
         self.last_done = now
+        return seconds
 
     def receive(self, max_size: int) -> tuple[int, int, bytearray | mmap.mmap]:
         return _stub.read_message(self.stream.readinto, max_size)
@@ -823,6 +826,7 @@ class _Pool:
         self._shutdown = False
         self._broken: BaseException | None = None
         self._task_ids = itertools.count(1)
+        self._paces: dict[tuple, float] = {}  # a function's seconds a task, a moving average
         self._block_numbers = itertools.count(1)
         self._blocks = 0  # blocks that run or start a container, and are not retiring
         self._alive = 0  # block threads not yet finished, retiring ones included
@@ -847,7 +851,7 @@ class _Pool:
             self.check_open()
             container = None
             if not self._pending and item.size <= _DIRECT_SEND:
-                idle = (c for c in self._containers if not c.in_flight and self._has_room(c))
+                idle = (c for c in self._containers if not c.in_flight and self._has_room(c, item))
                 container = next(idle, None)
             task_id = self._assign(container, item) if container is not None else None
             if task_id is None:
@@ -1220,7 +1224,7 @@ class _Pool:
         with self._changed:
             while True:
                 tasks = []
-                while self._pending and self._has_room(container):
+                while self._pending and self._has_room(container, self._pending[0]):
                     task_id = self._assign(container, self._pending.popleft())
                     if task_id is not None:
                         tasks.append((task_id, container.in_flight[task_id]))
@@ -1245,21 +1249,30 @@ class _Pool:
         limit = self._settings.max_tasks_per_block
         return limit is not None and container.sent >= limit
 
-    def _has_room(self, container: _Container) -> bool:
-        """Whether the container may take a task now (under the lock)."""
+    def _has_room(self, container: _Container, item: _WorkItem) -> bool:
+        """Whether the container may take the task now (under the lock)."""
         return (
             self._broken is None
             and not container.lost
             and not container.expired
-            and len(container.in_flight) < self._depth(container)
             and not self._worn_out(container)
+            and self._pipelines(container, item)
         )
 
-    def _depth(self, container: _Container) -> int:
+    def _pipelines(self, container: _Container, item: _WorkItem) -> bool:
+        """Whether the task may join those in flight: a worker is free, or all of
+        them together are quick (_PIPELINE_SECONDS) (under the lock)."""
+        workers = self._settings.workers_per_block
+        if len(container.in_flight) < workers:
+            return True
         # task_timeout kills the whole container: tasks queued behind the late one
         # would be lost with it, so with a timeout there is one task in flight per worker.
-        workers = self._settings.workers_per_block
-        return workers if self._settings.task_timeout is not None else max(workers, container.depth())
+        if self._settings.task_timeout is not None or len(container.in_flight) >= _MAX_IN_FLIGHT:
+            return False
+        return container.backlog + self._pace(item) <= _PIPELINE_SECONDS * workers
+
+    def _pace(self, item: _WorkItem) -> float:
+        return self._paces.get(item.pace_key, _FIRST_PACE)
 
     def _assign(self, container: _Container, item: _WorkItem) -> int | None:
         """Put the task in the container's flight (under the lock); its task id, or
@@ -1272,6 +1285,10 @@ class _Pool:
             item.deadline = item.sent_at + self._settings.task_timeout
         task_id = next(self._task_ids)
         container.in_flight[task_id] = item
+        # What the task adds to the backlog; after a timeout or with the container
+        # lost, the backlog no longer matters: it takes no more tasks.
+        item.expected = self._pace(item)
+        container.backlog += item.expected
         container.sent += 1
         return task_id
 
@@ -1351,6 +1368,11 @@ class _Pool:
             with self._changed:
                 item = container.in_flight.pop(task_id, None)
                 timed_out = task_id in container.expired
+                if item is not None:
+                    container.backlog -= item.expected
+                    if kind != _stub.LOST:
+                        pace = self._pace(item)
+                        self._paces[item.pace_key] = pace + (container.task_seconds(item) - pace) / 5
                 self._changed.notify_all()
             if timed_out:
                 continue  # the answer of a task that had just run out of time
@@ -1361,7 +1383,6 @@ class _Pool:
             if kind == _stub.LOST:
                 self._orphaned([item], self._process_lost(container, payload))
                 continue
-            container.note_done(item)
             try:
                 _settle(item.future, kind, payload)
             finally:
@@ -1646,7 +1667,7 @@ class ContainerPoolExecutor(Executor):
             self._pool.check_open()
             future.set_exception(exc)
             return future
-        self._pool.submit(_WorkItem(future, kind, parts, size))
+        self._pool.submit(_WorkItem(future, kind, call[0], parts, size))
         return future
 
     def map(

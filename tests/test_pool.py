@@ -1,5 +1,6 @@
 """What only a container pool does: images, shipping code, crashes, startup, cleanup."""
 
+import collections
 import concurrent.futures as cf
 import io
 import logging
@@ -342,3 +343,12 @@ def test_every_block_serves(make_pool):
     pool = make_pool(blocks=3)
     hosts = {f.result(DEADLOCK) for f in [pool.submit(helpers.hostname_after, 1.0) for _ in range(3)]}
     assert len(hosts) == 3
+
+
+def test_long_tasks_are_not_pipelined_after_quick_ones(make_pool):
+    """Quick tasks stream many at a time into a container; a function not seen before
+    goes one at a time to whichever block is free, so long tasks spread evenly."""
+    pool = make_pool(blocks=2)
+    list(pool.map(helpers.identity, range(2000)))  # quick: both containers pipeline them
+    hosts = [f.result(DEADLOCK) for f in [pool.submit(helpers.hostname_after, 0.5) for _ in range(6)]]
+    assert sorted(collections.Counter(hosts).values()) == [3, 3]
