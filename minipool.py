@@ -541,9 +541,9 @@ def _remove_container(api: Any, container_id: str) -> None:
     except docker.errors.NotFound:
         pass
     except docker.errors.APIError as exc:
-        if exc.status_code != 409:
+        if exc.status_code not in (409, 500):
             raise
-        # 409: auto_remove is removing it already; return once it is gone.
+        # 409 (Podman: 500): auto_remove is removing it already; return once it is gone.
         with contextlib.suppress(docker.errors.NotFound):
             api.wait(container_id, timeout=_EXIT_GRACE, condition="removed")
 
@@ -570,7 +570,8 @@ class _ExitWatch:
     def __init__(self, api: Any, pool_id: str, label: str) -> None:
         self._events = api.events(
             decode=True,
-            filters={"type": "container", "event": ["die", "oom"], "label": f"minipool.executor={pool_id}"},
+            # Podman filters by "died", and sends no oom event (4.3).
+            filters={"type": "container", "event": ["die", "died", "oom"], "label": f"minipool.executor={pool_id}"},
         )
         self._exits: dict[str, tuple[int | None, bool]] = {}
         self._ended = False  # the engine went away, or close()
@@ -1152,10 +1153,13 @@ class _Pool:
         python = self._settings.create_options["command"][0]
         not_found = f"Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
         if isinstance(exc, docker.errors.APIError):
+            said = str(exc.explanation)
             hint = ""
-            if "executable file not found" in str(exc.explanation) or "no such file" in str(exc.explanation):
+            if "container-init" in said:
+                hint = ". The engine has no init binary for init=True (Podman: install catatonit)"
+            elif "executable file not found" in said or "no such file" in said:
                 hint = f". {not_found}"
-            return StartupError(f"{what}: the engine said: {exc.explanation}{hint}")
+            return StartupError(f"{what}: the engine said: {said}{hint}")
         # socket.timeout is TimeoutError only from Python 3.10 on.
         timed_out = isinstance(exc, (TimeoutError, socket.timeout))
         if isinstance(exc, (docker.errors.DockerException, OSError)) and not timed_out:

@@ -1,5 +1,6 @@
 """Fixtures: a real engine, the seed's images, and pools that must leave nothing behind."""
 
+import contextlib
 import faulthandler
 import importlib.util
 import os
@@ -97,12 +98,17 @@ def label(request, engine):
     threads are left; what is left is removed, then the test fails."""
     name = re.sub(r"[^a-zA-Z0-9_.-]+", "-", request.node.name)[:60] + f"-{os.getpid()}"
     yield name
-    wait_until(lambda: not containers_labelled(engine, name), timeout=15, what="containers to go")
-    left = containers_labelled(engine, name)
+    assert_none_left(engine, name)
+    wait_until(lambda: not minipool_threads(name), timeout=15, what="minipool threads to end")
+
+
+def assert_none_left(engine, label):
+    """Fail if the label's containers do not go from `engine`; remove those left."""
+    wait_until(lambda: not containers_labelled(engine, label), timeout=15, what="containers to go")
+    left = containers_labelled(engine, label)
     for container_id in left:
         engine.api.remove_container(container_id, force=True)
     assert not left, f"containers left behind: {left}"
-    wait_until(lambda: not minipool_threads(name), timeout=15, what="minipool threads to end")
 
 
 @pytest.fixture
@@ -129,22 +135,31 @@ class SecondEngine:
     """A dockerd of the test's own (socket, data root, exec root, pid file): it can
     be stopped and started again, and stands in for a second host."""
 
+    program = "dockerd"
+
     def __init__(self, root):
         self.root = root
         self.url = f"unix://{root}/docker.sock"
+        self.container_options = {}
         self.process = None
 
+    def command(self):
+        return [
+            "dockerd", "--host", self.url, "--data-root", f"{self.root}/data",
+            "--exec-root", f"{self.root}/exec", "--pidfile", f"{self.root}/docker.pid",
+            "--bridge=none", "--iptables=false", "--ip-masq=false",
+        ]
+
+    def environment(self):
+        return os.environ
+
     def start(self):
-        with open(os.path.join(self.root, "dockerd.log"), "ab") as log:
+        with open(os.path.join(self.root, f"{self.program}.log"), "ab") as log:
             self.process = subprocess.Popen(
-                [
-                    "dockerd", "--host", self.url, "--data-root", f"{self.root}/data",
-                    "--exec-root", f"{self.root}/exec", "--pidfile", f"{self.root}/docker.pid",
-                    "--bridge=none", "--iptables=false", "--ip-masq=false",
-                ],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.environment(),
             )
-        wait_until(self.answers, what="the second engine to answer")
+        wait_until(self.answers, what=f"{self.program} to answer")
 
     def stop(self):
         self.process.send_signal(signal.SIGTERM)
@@ -170,24 +185,84 @@ class SecondEngine:
         return docker.DockerClient(base_url=self.url)
 
 
+class PodmanEngine(SecondEngine):
+    """`podman system service` serving the Docker API, with its state under `root`
+    (storage, run root, tmp dir, locks, network configs, events). Root Podman always
+    shares /run/containers/networks (unused with network none) and its blob cache in
+    /var/lib/containers/cache."""
+
+    program = "podman"
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.url = f"unix://{root}/podman.sock"
+        # Podman gives root's containers nofile and nproc limits of 2**20, which these
+        # VMs refuse to root ("error setting rlimit type 7: operation not permitted").
+        self.container_options = {
+            "ulimits": [{"name": "nofile", "soft": 1024, "hard": 1024}, {"name": "nproc", "soft": 4096, "hard": 4096}]
+        }
+
+    def command(self):
+        return [
+            "podman", "--root", f"{self.root}/storage", "--runroot", f"{self.root}/run",
+            "--tmpdir", f"{self.root}/tmp", "--network-config-dir", f"{self.root}/networks",
+            # overlay, as vfs copies the whole image for each container; without
+            # skip_mount_home it bind-mounts its storage onto itself, outliving it.
+            "--storage-driver", "overlay", "--storage-opt", "overlay.skip_mount_home=true",
+            # No systemd units, no journal: cgroups and events stay its own.
+            "--cgroup-manager", "cgroupfs", "--events-backend", "file",
+            "system", "service", "--time=0", self.url,
+        ]
+
+    def environment(self):
+        # Only this file configures it (no machine-wide containers.conf), and its
+        # locks go to its tmp dir instead of the /dev/shm table every root Podman shares.
+        conf = os.path.join(self.root, "containers.conf")
+        with open(conf, "w") as file:
+            file.write('[engine]\nlock_type = "file"\n')
+        return {**os.environ, "CONTAINERS_CONF": conf}
+
+
+@contextlib.contextmanager
+def started(kind, engine, images):
+    """A `kind` engine of the test's own holding `images`; its containers are removed,
+    it is stopped and its state deleted at the end."""
+    if shutil.which(kind.program) is None or os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {kind.program} cannot be started here (needs root)")
+        pytest.skip(f"a second engine needs root and {kind.program}")
+    own = kind(tempfile.mkdtemp(prefix=f"minipool-{kind.program}-", dir="/var/tmp"))
+    try:
+        own.start()
+        client = own.client()
+        for image in images:
+            list(client.api.load_image(engine.api.get_image(image)))  # the stream carries load errors
+        client.close()
+        yield own
+        if own.answers():
+            # Whatever a failed test left would outlive a Podman service (conmon runs apart).
+            client = own.client()
+            for container in client.api.containers(all=True):
+                client.api.remove_container(container["Id"], force=True)
+            client.close()
+    finally:
+        if own.process is not None and own.process.poll() is None:
+            own.stop()
+        shutil.rmtree(own.root, ignore_errors=True)
+
+
 @pytest.fixture
 def second_engine(engine, images):
-    """A second engine holding app1_v0.1, stopped and removed at teardown."""
-    if shutil.which("dockerd") is None or os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but dockerd cannot be started here (needs root and docker.io)")
-        pytest.skip("a second engine needs root and dockerd")
-    second = SecondEngine(tempfile.mkdtemp(prefix="minipool-engine-", dir="/var/tmp"))
-    try:
-        second.start()
-        client = second.client()
-        client.api.load_image(engine.api.get_image(APP1))
-        client.close()
+    """A second dockerd holding app1_v0.1, for one test."""
+    with started(SecondEngine, engine, [APP1]) as second:
         yield second
-    finally:
-        if second.process is not None and second.process.poll() is None:
-            second.stop()
-        shutil.rmtree(second.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def podman(engine, images):
+    """A Podman service holding the seed's images, for the whole session."""
+    with started(PodmanEngine, engine, images) as podman:
+        yield podman
 
 
 @pytest.fixture(autouse=True)

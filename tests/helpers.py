@@ -167,3 +167,9 @@ def count_and_raise(path):
 def write_text(path, text):
     with open(path, "w") as file:
         file.write(text)
+
+
+def wait_for_blocks(pool, count):
+    """Return once `count` tasks at once run in `count` containers: every block is ready (host side)."""
+    while len({f.result() for f in [pool.submit(hostname_after, 0.5) for _ in range(count)]}) < count:
+        pass

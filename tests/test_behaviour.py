@@ -7,16 +7,30 @@ import pytest
 
 import helpers
 from conftest import DEADLOCK
+from conftest import assert_none_left
 from conftest import wait_until
 
 
-@pytest.fixture(params=["threads", "containers"])
+@pytest.fixture(params=["threads", "containers", "podman"])
 def executor(request):
     if request.param == "threads":
         with cf.ThreadPoolExecutor(2) as pool:
             yield pool
-    else:
+    elif request.param == "containers":
         yield request.getfixturevalue("make_pool")(blocks=2)
+    else:
+        podman = request.getfixturevalue("podman")
+        make_pool = request.getfixturevalue("make_pool")
+        pool = make_pool(blocks=2, engine=podman.url, container_options=podman.container_options)
+        yield pool
+        # The label fixture looks only at the Docker engine, and after this: shut the pool
+        # down here (make_pool's shutdown is then a no-op) and look at Podman's side.
+        pool.shutdown(wait=True, cancel_futures=True)
+        client = podman.client()
+        try:
+            assert_none_left(client, request.getfixturevalue("label"))
+        finally:
+            client.close()
 
 
 def test_submit_returns_the_result(executor):

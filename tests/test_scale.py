@@ -36,6 +36,18 @@ def test_blocks_are_spread_over_the_engines(second_engine, second_client, engine
     wait_until(lambda: spread(engine, second_client, label) == (0, 0), timeout=15, what="containers to go")
 
 
+def test_one_pool_spans_docker_and_podman(podman, engine, label):
+    client = podman.client()
+    try:
+        options = {"engine": [None, podman.url], "container_options": podman.container_options}
+        with ContainerPoolExecutor(APP1, 2, label=label, ship=[HELPERS], **options) as pool:
+            helpers.wait_for_blocks(pool, 2)
+            assert spread(engine, client, label) == (1, 1)
+        wait_until(lambda: spread(engine, client, label) == (0, 0), timeout=15, what="containers to go")
+    finally:
+        client.close()
+
+
 def test_weights_share_the_blocks_out(second_engine, second_client, engine, label):
     engines = [(engine, 3), (second_engine.url, 1)]
     with ContainerPoolExecutor(APP1, 4, engine=engines, label=label, ship=[HELPERS]) as pool:

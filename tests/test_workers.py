@@ -36,24 +36,41 @@ def test_a_lost_process_task_is_retried(make_pool, tmp_path):
     assert pool.submit(helpers.die_once, "/shared/marker").result(DEADLOCK) == "second time lucky"
 
 
-def test_a_host_that_stops_answering_loses_its_containers(images, engine, label):
-    """Without StdinOnce (Podman), or with the caller frozen: the stub exits when
-    the host has been silent for _HOST_SILENCE seconds."""
+@pytest.fixture(params=["docker", "podman"])
+def any_engine(request, engine):
+    """(client, URL, container options) of the Docker engine, then of a Podman service."""
+    if request.param == "docker":
+        yield engine, None, {}
+        return
+    podman = request.getfixturevalue("podman")
+    client = podman.client()
+    yield client, podman.url, podman.container_options
+    client.close()
+
+
+@pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL])
+def test_a_host_that_stops_answering_loses_its_containers(any_engine, images, label, how):
+    """With the caller frozen, or killed on Podman (which ignores StdinOnce): the
+    stub exits when the host has been silent for _HOST_SILENCE seconds."""
+    client, url, options = any_engine
     process = start_script(
         f"""
         import os, signal
         import minipool, helpers
         minipool._HOST_SILENCE = 2
-        pool = minipool.ContainerPoolExecutor("app1_v0.1", 2, label="{label}", ship=["{helpers.__file__}"])
-        pool.submit(helpers.double, 1).result()
+        pool = minipool.ContainerPoolExecutor(
+            "app1_v0.1", 2, engine={url!r}, container_options={options!r}, label="{label}",
+            ship=["{helpers.__file__}"],
+        )
+        helpers.wait_for_blocks(pool, 2)
         print("ready", flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
+        os.kill(os.getpid(), {how.value})
         """
     )
     try:
-        assert process.stdout.readline() == "ready\n"
-        wait_until(lambda: len(containers_labelled(engine, label)) == 2, what="both blocks")
-        wait_until(lambda: not containers_labelled(engine, label), timeout=DEADLOCK / 2, what="containers to exit")
+        assert process.stdout.readline() == "ready\n", process.stderr.read()
+        assert len(containers_labelled(client, label)) == 2
+        wait_until(lambda: not containers_labelled(client, label), timeout=DEADLOCK / 2, what="containers to exit")
     finally:
         process.kill()
         process.communicate()
