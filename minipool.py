@@ -1205,8 +1205,11 @@ class _Pool:
         try:
             container.send_tasks(tasks)
         except OSError as exc:
-            # The container is gone: its reader settles or requeues these tasks.
+            # Mostly the container is gone. Whatever the cause, the stream may have
+            # stopped mid-message: end it, and the reader settles or requeues the tasks.
             _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
+            with contextlib.suppress(OSError):
+                container.sock.shutdown(socket.SHUT_RDWR)
 
     def _time_out(self, container: _Container) -> None:
         """Kill the container whose task ran out of time, then fail that task."""

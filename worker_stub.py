@@ -49,6 +49,8 @@ HEADER = struct.Struct(">HBBQQ")
 PICKLE_PROTOCOL = 5
 # A payload this large is received into an mmap rather than a bytearray.
 LARGE = 1 << 20
+# Buffers one writev may take (Linux and macOS); a pickle of many large objects has more.
+IOV_MAX = 1024
 
 # Message kinds. Host to stub:
 BOOT = 8  # tar of worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules)
@@ -141,7 +143,7 @@ def send_parts(writev, parts):
     """Write every byte of `parts` with a vectored `writev`, without joining them."""
     views = [memoryview(part).cast("B") for part in parts if memoryview(part).nbytes]
     while views:
-        sent = writev(views)
+        sent = writev(views[:IOV_MAX])
         while sent and sent >= len(views[0]):
             sent -= len(views.pop(0))
         if sent:

@@ -141,6 +141,24 @@ def test_large_buffers_go_both_ways(make_pool):
     assert len(pool.submit(helpers.nbytes, 5 << 20).result(DEADLOCK)) == 5 << 20
 
 
+def test_a_message_of_more_buffers_than_one_writev_takes(make_pool):
+    # Each bytes over the pickle's 64 KiB frame travels as a buffer of its own.
+    many = [bytes([i % 256]) * 66000 for i in range(1500)]
+    assert make_pool().submit(helpers.identity, many).result(DEADLOCK) == many
+
+
+def test_a_send_that_fails_ends_the_container_and_fails_its_task(make_pool, monkeypatch):
+    """Not only a gone container fails a send: here sendmsg refuses too many buffers."""
+    import worker_stub
+
+    pool = make_pool()
+    monkeypatch.setattr(worker_stub, "IOV_MAX", 1 << 20)
+    with pytest.raises(WorkerLost):
+        pool.submit(helpers.identity, [bytes([i % 256]) * 66000 for i in range(1500)]).result(DEADLOCK)
+    monkeypatch.undo()
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
 def test_unpicklable_argument_fails_only_that_future(make_pool):
     pool = make_pool()
     future = pool.submit(helpers.identity, threading.Lock())
