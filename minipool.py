@@ -785,6 +785,17 @@ class _Container:
         return json.loads(bytes(payload))
 
 
+def _hello(max_message_size: int, workers: int, silence: float) -> dict:
+    """What the host tells a new stub (HELLO)."""
+    return {
+        "python": list(sys.version_info[:2]),
+        "cloudpickle": cloudpickle is not None,
+        "max_message_size": max_message_size,
+        "workers": workers,
+        "silence": silence,
+    }
+
+
 # Attach sockets of every live container, closed in a forked child: a child that
 # kept them open would keep the engine from closing stdin, and the container
 # would outlive its owner.
@@ -814,13 +825,7 @@ class _Pool:
         self._engines = engines
         self._settings = settings
         self._label = settings.label
-        self._hello = {
-            "python": list(sys.version_info[:2]),
-            "cloudpickle": cloudpickle is not None,
-            "max_message_size": settings.max_message_size,
-            "workers": settings.workers_per_block,
-            "silence": _HOST_SILENCE,
-        }
+        self._hello = _hello(settings.max_message_size, settings.workers_per_block, _HOST_SILENCE)
         # _changed guards everything below and wakes every thread waiting on it.
         self._changed = threading.Condition()
         self._pending: collections.deque[_WorkItem] = collections.deque()
