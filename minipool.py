@@ -65,6 +65,7 @@ from typing import Iterable
 from typing import Iterator
 from typing import Mapping
 from typing import Sequence
+from typing import Union
 
 import docker
 import docker.errors
@@ -1502,13 +1503,20 @@ def _check_name(name: str, value: Any) -> None:
         raise ValueError(f"{name} must not be empty")
 
 
+_EngineSpec = Union[docker.DockerClient, str, None]
+
+
 class ContainerPoolExecutor(Executor):
     """An Executor that runs calls in a pool of long-lived containers of one image.
 
     image: the image to run; it needs a Python 3 interpreter (>= 3.8).
-    blocks: how many containers; each runs one task at a time (quick ones pipelined).
+    blocks: how many containers to start with (0: none until work comes); each
+        runs one task at a time per worker (quick ones pipelined).
     engine: a docker.DockerClient, an engine URL ("unix://...", "tcp://..."), or
-        None for docker.from_env().
+        None for docker.from_env(); or a list of them, each optionally as an
+        (engine, weight) pair: blocks go to the engine with the fewest for its
+        weight (1 by default). An engine that stops answering loses its blocks
+        to the others; their running tasks are retried per `retries`.
     python: the interpreter's name or path inside the image.
     workdir: the stub's working directory (default: the image's WorkingDir); it is
         on the stub's sys.path, so modules there are importable.
@@ -1527,6 +1535,12 @@ class ContainerPoolExecutor(Executor):
         line for the next free block) before it fails with WorkerLost.
     max_tasks_per_block: replace a container after it ran this many tasks.
     max_message_size: bytes; a larger argument or result fails its future.
+    min_blocks, max_blocks, idle_timeout: elastic blocks. While work waits and
+        no block is idle, blocks are added, up to max_blocks (default: blocks);
+        a block idle for idle_timeout seconds is removed, down to min_blocks.
+    workers_per_block: worker processes in each container, sharing its channel,
+        so that one container uses several cores. One that dies is replaced in
+        its container; its task fails with WorkerLost (or is retried).
     label: a name for the pool in logs, thread names and container labels.
     """
 
@@ -1535,7 +1549,7 @@ class ContainerPoolExecutor(Executor):
         image: str,
         blocks: int = 1,
         *,
-        engine: docker.DockerClient | str | None = None,
+        engine: _EngineSpec | list[_EngineSpec | tuple[_EngineSpec, float]] = None,
         python: str = "python3",
         workdir: str | None = None,
         environment: Mapping[str, str] | Sequence[str] | None = None,

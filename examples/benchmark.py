@@ -11,16 +11,19 @@ none, each way. Each figure is the median of several repetitions (one with
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import functools
 import logging
 import os
 import platform
 import random
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -146,12 +149,18 @@ def docker_run_s(client, image):
 
 
 def concurrent_docker_runs_s(image, count):
-    """`count` x `docker run --rm IMAGE python3 -c pass` at once: what the engine itself takes."""
+    """`count` x `docker run --rm IMAGE python3 -c pass` at once, what the engine itself
+    takes: seconds to the first done, and to all done."""
     client = docker.from_env(max_pool_size=count + 2)
     with cf.ThreadPoolExecutor(count) as threads:
-        took = timed(lambda: list(threads.map(lambda _: docker_run_s(client, image), range(count))))
+        started = time.perf_counter()
+        runs = [threads.submit(docker_run_s, client, image) for _ in range(count)]
+        next(cf.as_completed(runs))
+        first = time.perf_counter() - started
+        cf.wait(runs)
+        every = time.perf_counter() - started
     client.close()
-    return took
+    return first, every
 
 
 def docker_exec_s(client, image, runs):
@@ -248,26 +257,86 @@ class ReadyCounter(logging.Handler):
                 self.times.append(time.perf_counter())
                 self.done.notify_all()
 
+    def wait(self, count):
+        """The times the first `count` blocks were ready."""
+        with self.done:
+            self.done.wait_for(lambda: len(self.times) >= count, 120)
+            return self.times[:count]
 
-def cold_start(image, blocks):
-    """Seconds from the constructor to the first result, and to every block ready."""
+
+@contextlib.contextmanager
+def block_readiness():
     counter = ReadyCounter()
     logger = logging.getLogger("minipool")
     logger.addHandler(counter)
     logger.setLevel(logging.INFO)
     try:
-        started = time.perf_counter()
-        pool = ContainerPoolExecutor(image, blocks=blocks)
-        pool.submit(abs, 0).result()
-        first = time.perf_counter() - started
-        with counter.done:
-            counter.done.wait_for(lambda: len(counter.times) == blocks, 120)
-        every = max(counter.times) - started
-        pool.shutdown()
+        yield counter
     finally:
         logger.removeHandler(counter)
         logger.setLevel(logging.NOTSET)
+
+
+def cold_start(image, blocks, engine=None):
+    """Seconds from the constructor to the first result, and to every block ready."""
+    with block_readiness() as counter:
+        started = time.perf_counter()
+        pool = ContainerPoolExecutor(image, blocks=blocks, engine=engine)
+        pool.submit(abs, 0).result()
+        first = time.perf_counter() - started
+        every = max(counter.wait(blocks)) - started
+        pool.shutdown()
     return first, every
+
+
+def scale_up(image, most):
+    """An elastic pool of one block gets a burst of work: seconds from the burst to
+    the first added block ready, and to all `most` blocks ready."""
+    with block_readiness() as counter, ContainerPoolExecutor(image, blocks=1, max_blocks=most) as pool:
+        pool.submit(abs, 0).result()
+        counter.wait(1)
+        burst = time.perf_counter()
+        futures = [pool.submit(time.sleep, 0.5) for _ in range(4 * most)]
+        ready = counter.wait(most)
+        cf.wait(futures)
+    return ready[1] - burst, max(ready) - burst
+
+
+def four_blocks(image, sizes, engines):
+    """No-op throughput of four blocks on `engines`, and ms from their constructor to every block ready."""
+    with ContainerPoolExecutor(image, blocks=4, engine=engines) as pool:
+        rate = median_of(sizes.repeats, lambda: throughput(pool, sizes.outstanding))
+    return rate, cold_start(image, 4, engine=engines)[1] * 1e3
+
+
+@contextlib.contextmanager
+def second_engine(client, image):
+    """A second dockerd of our own (its socket, data root, exec root, pid file)
+    holding the image, standing in for a second host; its URL. Needs root."""
+    root = tempfile.mkdtemp(prefix="minipool-bench-engine-", dir="/var/tmp")
+    url = f"unix://{root}/docker.sock"
+    with open(f"{root}/dockerd.log", "wb") as log:
+        process = subprocess.Popen(
+            ["dockerd", "--host", url, "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
+             "--pidfile", f"{root}/docker.pid", "--bridge=none", "--iptables=false", "--ip-masq=false"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        other = None
+        for _ in range(120):
+            with contextlib.suppress(docker.errors.DockerException):
+                other = docker.DockerClient(base_url=url)
+                break
+            time.sleep(0.5)
+        if other is None:
+            raise RuntimeError(f"the second engine did not answer; see {root}/dockerd.log")
+        with contextlib.closing(other):
+            other.api.load_image(client.api.get_image(image))
+        yield url
+    finally:
+        process.terminate()
+        process.wait(60)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def idle_shutdown_s(image):
@@ -392,7 +461,25 @@ def main():
                   4 if count == 16 else None, False, "ms")
         if count > 1:
             table.add(f"{count} block(s): constructor to every block ready", every,
-                      f"{count} x docker run at once", concurrent_docker_runs_s(image, count) * 1e3, None, False, "ms")
+                      f"{count} x docker run at once", concurrent_docker_runs_s(image, count)[1] * 1e3, None, False,
+                      "ms")
+
+    # The burst adds the 7 blocks at once: they start together, as 7 docker runs would.
+    first_added, every = (seconds * 1e3 for seconds in scale_up(image, 8))
+    first_run, every_run = (seconds * 1e3 for seconds in concurrent_docker_runs_s(image, 7))
+    table.add("elastic 1 -> 8 blocks: burst to first added block ready", first_added,
+              "7 x docker run at once: first done", first_run, 1.5, False, "ms")
+    table.add("elastic 1 -> 8 blocks: burst to all 8 ready", every, "7 x docker run at once: all done",
+              every_run, 1.5, False, "ms")
+    if os.geteuid() == 0 and shutil.which("dockerd"):
+        with second_engine(client, image) as url:
+            one, two = (four_blocks(image, sizes, engines) for engines in (None, [None, url]))
+        table.add("4 blocks over two engines: no-op throughput", two[0], "4 blocks on one engine", one[0], None,
+                  True, "tasks/s")
+        table.add("4 blocks over two engines: constructor to every block ready", two[1], "4 blocks on one engine",
+                  one[1], None, False, "ms")
+    else:
+        print("benchmark: no two-engine rows: starting a second dockerd needs root", file=sys.stderr)
 
     table.add("shutdown of an idle 4-block pool", median_of(sizes.repeats, lambda: idle_shutdown_s(image)) * 1e3,
               "target", 500, 1, False, "ms")
