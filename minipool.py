@@ -17,8 +17,9 @@ handshake), feeds it tasks from the shared queue (several at once, in one write,
 while they are quick: pipelining), kills it when a task outlives task_timeout,
 and replaces it when it dies, times out or has run max_tasks_per_block tasks.
 submit() itself sends a small task to an idle container, sparing a hand-off.
-Its reader thread settles futures by task id, sends stderr to the
-"minipool.worker" logger and, when the stream ends, fails the task that was
+Its reader thread settles futures by task id, sends what tasks print
+(OUTPUT messages) and the container's stderr to the "minipool.worker" logger
+and, when the stream ends, fails the task that was
 running with WorkerLost and puts the ones queued behind it back in the queue.
 The engine's event stream tells each dead container's exit code and whether the
 kernel killed it for memory: with auto_remove it is gone before it could be
@@ -35,6 +36,8 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import importlib
 import io
 import itertools
@@ -46,6 +49,7 @@ import os
 import pickle
 import signal
 import socket
+import sqlite3
 import ssl
 import struct
 import sys
@@ -56,8 +60,10 @@ import types
 import uuid
 import weakref
 from concurrent.futures import BrokenExecutor
+from concurrent.futures import CancelledError
 from concurrent.futures import Executor
 from concurrent.futures import Future
+from concurrent.futures import InvalidStateError
 from concurrent.futures import TimeoutError as FuturesTimeoutError  # the builtin one from 3.11 on
 from typing import Any
 from typing import Callable
@@ -83,12 +89,15 @@ _stub: Any = importlib.import_module(f"{__package__}.worker_stub" if __package__
 
 __all__ = [
     "BrokenContainerPool",
+    "CacheError",
     "ContainerPoolExecutor",
+    "DependencyError",
     "MiniPoolError",
     "ProtocolError",
     "RemoteError",
     "StartupError",
     "WorkerLost",
+    "output",
 ]
 __version__ = "0.1.0"
 
@@ -117,8 +126,8 @@ _MAX_MESSAGE = 1 << 32
 _STDERR_TAIL = 20
 # A stderr line longer than this is logged in pieces instead of buffered whole.
 _MAX_LOG_LINE = 1 << 16
-# Bytes of output one task may log; past it, lines are dropped (and counted) so a
-# task printing without end cannot flood the host's logs.
+# Bytes of its own stderr (the stub's messages) a container may log. A task's
+# output is bounded by the stub (worker_stub.OUTPUT_LIMIT).
 _LOG_BUDGET = 1 << 20
 # A fork bomb in a task stops here; tasks that need more processes raise it.
 _PIDS_LIMIT = 4096
@@ -203,6 +212,15 @@ class ProtocolError(MiniPoolError):
     """The channel to a container carried something that is not minipool's protocol."""
 
 
+class DependencyError(MiniPoolError):
+    """An app's input (a Future passed as an argument) failed or was cancelled; the
+    input's exception is the __cause__."""
+
+
+class CacheError(MiniPoolError):
+    """A results cache file that is not minipool's, is corrupt, or cannot be written."""
+
+
 class _RemoteTraceback(Exception):
     """The __cause__ of a task's exception: the traceback as the container printed it."""
 
@@ -219,7 +237,8 @@ class _RemoteTraceback(Exception):
 
 class _WorkItem:
     __slots__ = (
-        "attempts", "deadline", "expected", "future", "kind", "pace_key", "parts", "running", "sent_at", "size",
+        "attempts", "deadline", "expected", "future", "kind", "lines", "output", "pace_key", "parts", "running",
+        "sent_at", "size",
     )
 
     def __init__(self, future: Future, kind: int, fn: Callable[..., Any], parts: list, size: int) -> None:
@@ -234,6 +253,25 @@ class _WorkItem:
         self.sent_at = 0.0
         self.deadline: float | None = None  # when task_timeout runs out, once sent
         self.attempts: list[WorkerLost] = []  # earlier containers lost while running it
+        self.output: bytearray | None = None  # what it wrote, every attempt
+        self.lines: _Lines | None = None  # its output as logged, in its current container
+
+    def note_output(self, container: _Container, data: bytes) -> None:
+        """Log and keep what the task wrote (by its container's reader thread)."""
+        if self.output is None:
+            self.output = bytearray()
+        if self.lines is None:
+            self.lines = _Lines(container, "the task's output", _stub.OUTPUT_LIMIT)
+        self.output += data[: _stub.OUTPUT_LIMIT - len(self.output)]
+        self.lines.feed(data)
+
+    def keep_output(self) -> None:
+        """The attempt is over: make what the task wrote available to output()."""
+        if self.lines is not None:
+            self.lines.end()
+            self.lines = None
+        if self.output is not None:
+            _outputs[self.future] = bytes(self.output)
 
     def overdue(self, now: float) -> bool:
         return self.deadline is not None and self.deadline <= now
@@ -257,14 +295,6 @@ class _Settings:
     max_blocks: int
     idle_timeout: float | None
     workers_per_block: int
-
-
-class _ChunkSubmitter:
-    """Stands in for the executor inside Executor.map, which only calls submit():
-    map's own logic (timeouts, cancel on close) then drives chunk messages."""
-
-    def __init__(self, submit_chunk: Callable[..., Future]) -> None:
-        self.submit = submit_chunk
 
 
 def _chunks(iterables: Sequence[Iterable], size: int) -> Iterator[list]:
@@ -322,6 +352,17 @@ def _remote_exception(payload: bytearray | mmap.mmap) -> BaseException:
         error = RemoteError(type_name, message, text)
     error.__cause__ = _RemoteTraceback(text)
     return error
+
+
+# What each task wrote, by its future, for output().
+_outputs: weakref.WeakKeyDictionary[Future, bytes] = weakref.WeakKeyDictionary()
+
+
+def output(future: Future) -> str:
+    """What the task behind `future` wrote to stdout and stderr (its first MiB,
+    every attempt's), once the future is done; '' if it wrote nothing, or if the
+    future is not from a ContainerPoolExecutor (or its app)."""
+    return _outputs.get(future, b"").decode("utf-8", "replace")
 
 
 def _settle(future: Future, kind: int, payload: bytearray | mmap.mmap) -> None:
@@ -666,6 +707,35 @@ class _AttachStream:
         return count
 
 
+class _Lines:
+    """Bytes from a container logged one record per line, whose last lines the
+    container keeps to explain its death; past `budget` bytes, one warning."""
+
+    def __init__(self, container: _Container, what: str, budget: int) -> None:
+        self._container = container
+        self._what = what
+        self._left = budget
+        self._partial = b""
+
+    def feed(self, data: bytes | bytearray) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > _MAX_LOG_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for raw in lines:
+            self._left -= len(raw) + 1
+            if self._left >= 0:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                self._container.stderr_tail.append(line)
+                self._container.log(logging.INFO, "%s", line)
+            elif self._left + len(raw) + 1 >= 0:
+                self._container.log(logging.WARNING, "%s truncated: the rest is not logged", self._what)
+
+    def end(self) -> None:
+        if self._partial:
+            self.feed(b"\n")
+
+
 class _Container:
     """One running container with the stub in it, attached over one socket."""
 
@@ -674,12 +744,11 @@ class _Container:
         self.engine = engine
         self.short_id = container_id[:12]
         self.sock = sock
-        self.stream = _AttachStream(sock, self._log_stderr)
-        self.writev = _writev(sock)
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
-        self._partial_line = b""
-        self._log_left = _LOG_BUDGET
-        self._log_dropped = 0
+        self.stderr = _Lines(self, "its stderr", _LOG_BUDGET)
+        self.between_tasks = _Lines(self, "output between tasks", _stub.OUTPUT_LIMIT)
+        self.stream = _AttachStream(sock, self.stderr.feed)
+        self.writev = _writev(sock)
         self._send_lock = threading.Lock()  # the block thread and submit() both send
         self._sends = itertools.count()
         # Task id -> its place in the stub's stdin; the stub runs tasks in that order.
@@ -698,41 +767,14 @@ class _Container:
         """(exit code, OOM-killed) of the dead container, as its engine told them."""
         return self.engine.exits.exit_of(self.id)
 
-    def _log_stderr(self, data: bytes | bytearray) -> None:
-        """Log the container's stderr one record per line, tagged with the container."""
-        *lines, self._partial_line = (self._partial_line + data).split(b"\n")
-        if len(self._partial_line) > _MAX_LOG_LINE:
-            lines.append(self._partial_line)
-            self._partial_line = b""
-        for raw in lines:
-            line = raw.decode("utf-8", "replace").rstrip("\r")
-            self.stderr_tail.append(line)
-            self._log_left -= len(raw)
-            if self._log_left >= 0:
-                _worker_logger.info("%s: %s", self.short_id, line, extra={"container": self.short_id})
-            elif not self._log_dropped:
-                self._log_dropped = len(raw)
-                _worker_logger.warning(
-                    "%s: output truncated: the task wrote more than %d bytes; dropping the rest",
-                    self.short_id, _LOG_BUDGET, extra={"container": self.short_id},
-                )
-            else:
-                self._log_dropped += len(raw)
-
-    def task_done(self) -> None:
-        """A new task gets a new log budget; say how much the last one lost."""
-        if self._log_dropped:
-            _worker_logger.warning(
-                "%s: %d bytes of the task's output were not logged",
-                self.short_id, self._log_dropped, extra={"container": self.short_id},
-            )
-        self._log_left = _LOG_BUDGET
-        self._log_dropped = 0
+    def log(self, level: int, message: str, *args: Any) -> None:
+        """Log to minipool.worker, tagged with the container."""
+        _worker_logger.log(level, "%s: " + message, self.short_id, *args, extra={"container": self.short_id})
 
     def end_log(self) -> None:
-        """Log a last line the container left without its newline."""
-        if self._partial_line:
-            self._log_stderr(b"\n")
+        """Log the last lines the container left without their newline."""
+        self.stderr.end()
+        self.between_tasks.end()
 
     def send(self, kind: int, task_id: int, payload: bytes) -> None:
         with self._send_lock:
@@ -830,6 +872,8 @@ class _Pool:
         # _changed guards everything below and wakes every thread waiting on it.
         self._changed = threading.Condition()
         self._pending: collections.deque[_WorkItem] = collections.deque()
+        # Futures of app calls that wait for their inputs: the pool stays open for them.
+        self._promised: set[Future] = set()
         self._shutdown = False
         self._broken: BaseException | None = None
         self._task_ids = itertools.count(1)
@@ -851,11 +895,12 @@ class _Pool:
 
     # -- called by the executor
 
-    def submit(self, item: _WorkItem) -> None:
+    def submit(self, item: _WorkItem, promised: bool = False) -> None:
         """Queue the task; when a container is idle and the message small, the
-        caller's thread sends it at once, sparing a hand-off to the block thread."""
+        caller's thread sends it at once, sparing a hand-off to the block thread.
+        A promised task (see promise()) is taken after shutdown too."""
         with self._changed:
-            self.check_open()
+            self.check_open(promised)
             container = None
             if not self._pending and item.size <= _DIRECT_SEND:
                 idle = (c for c in self._containers if not c.in_flight and self._has_room(c, item))
@@ -869,15 +914,29 @@ class _Pool:
         if container is not None and task_id is not None:
             self._send(container, [(task_id, item)])
 
-    def check_open(self) -> None:
+    def check_open(self, promised: bool = False) -> None:
         """Raise what submit must raise when the pool takes no more work."""
         with self._changed:
             if self._broken is not None:
                 # A pool that never started says so again (StartupError) to each submit.
                 kind = type(self._broken) if isinstance(self._broken, BrokenContainerPool) else BrokenContainerPool
                 raise kind(f"the pool cannot take work: {self._broken}") from self._broken
-            if self._shutdown:
+            if self._shutdown and not promised:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def promise(self, future: Future) -> None:
+        """Keep the pool open, after shutdown too, until the app call whose future
+        this is has submitted its task (kept()) or is done."""
+        with self._changed:
+            self.check_open()
+            self._promised.add(future)
+        future.add_done_callback(self.kept)
+
+    def kept(self, future: Future) -> None:
+        with self._changed:
+            self._promised.discard(future)
+            self._changed.notify_all()
+        self._finish_if_done()
 
     def shutdown(self, cancel_futures: bool = False) -> None:
         """Take no more work; with cancel_futures, cancel what waits and has never run
@@ -885,11 +944,14 @@ class _Pool:
         with self._changed:
             self._shutdown = True
             cancelled = [item for item in self._pending if not item.running] if cancel_futures else []
+            promised = list(self._promised) if cancel_futures else []
             if cancel_futures:
                 self._pending = collections.deque(item for item in self._pending if item.running)
             self._changed.notify_all()
         for item in cancelled:
             _cancel_queued(item)
+        for future in promised:
+            future.cancel()  # its inputs are not done: it has not been submitted
         self._finish_if_done()
 
     def stop_containers(self, how: signal.Signals, caller: str) -> None:
@@ -937,7 +999,7 @@ class _Pool:
     # -- state
 
     def _closing(self) -> bool:
-        return self._broken is not None or (self._shutdown and not self._pending)
+        return self._broken is not None or (self._shutdown and not self._pending and not self._promised)
 
     def _break(self, error: BaseException) -> None:
         """The pool cannot go on: fail what waits, let running tasks finish."""
@@ -1225,6 +1287,7 @@ class _Pool:
         except (docker.errors.DockerException, OSError) as exc:
             _logger.warning("pool %s: could not kill container %s: %s", self._label, container.short_id, exc)
         for item in container.expired.values():
+            item.keep_output()
             item.future.set_exception(
                 FuturesTimeoutError(
                     f"the task ran longer than task_timeout={self._settings.task_timeout} s; "
@@ -1346,7 +1409,6 @@ class _Pool:
             error = ProtocolError(f"container {container.short_id}: {exc}")
             _logger.error("pool %s: %s", self._label, error)
         finally:
-            container.task_done()
             # Whatever ended the stream, the block thread must learn it and no future may hang.
             with self._changed:
                 container.lost = True
@@ -1376,6 +1438,9 @@ class _Pool:
         """Settle each future as its result arrives, until the stream ends."""
         while True:
             kind, task_id, payload = container.receive(self._settings.max_message_size)
+            if kind in (_stub.OUTPUT, _stub.DROPPED):
+                self._task_output(container, kind, task_id, payload)
+                continue
             if kind not in (_stub.RESULT, _stub.RAISED, _stub.LOST):
                 raise ValueError(f"unexpected message kind {kind} for task {task_id}")
             with self._changed:
@@ -1391,16 +1456,30 @@ class _Pool:
                 continue  # the answer of a task that had just run out of time
             if item is None:
                 raise ValueError(f"a result for task {task_id}, which is not running there")
-            container.task_done()
             container.sent_order.pop(task_id, None)
             if kind == _stub.LOST:
                 self._orphaned([item], self._process_lost(container, payload))
                 continue
+            item.keep_output()
             try:
                 _settle(item.future, kind, payload)
             finally:
                 _stub.release(payload)
             del payload
+
+    def _task_output(self, container: _Container, kind: int, task_id: int, payload: bytearray | mmap.mmap) -> None:
+        """OUTPUT or DROPPED: what a task wrote, logged and kept for output()."""
+        data = bytes(payload)
+        _stub.release(payload)
+        with self._changed:
+            item = container.in_flight.get(task_id)
+        if kind == _stub.DROPPED:
+            dropped = json.loads(data)["bytes"]
+            container.log(logging.WARNING, "output truncated: %d more bytes were not logged", dropped)
+        elif item is None:
+            container.between_tasks.feed(data)
+        else:
+            item.note_output(container, data)
 
     def _orphaned(self, items: list[_WorkItem], error: MiniPoolError) -> None:
         """Tasks whose container died: run them again (retries) or fail them.
@@ -1410,6 +1489,7 @@ class _Pool:
         always finds a block.
         """
         for item in items:
+            item.keep_output()
             if isinstance(error, WorkerLost) and self._retry(item, error):
                 continue
             with self._changed:
@@ -1503,6 +1583,169 @@ def _check_name(name: str, value: Any) -> None:
         raise ValueError(f"{name} must not be empty")
 
 
+# --------------------------------------------------------------------------- workflows
+
+
+def _inputs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Future]:
+    """The distinct Futures among a call's top-level arguments."""
+    return list({id(value): value for value in (*args, *kwargs.values()) if isinstance(value, Future)}.values())
+
+
+def _when_all_done(futures: list[Future], then: Callable[[], None]) -> None:
+    """Call `then` once, in the thread that completes the last of `futures`."""
+    left = len(futures)
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        nonlocal left
+        with lock:
+            left -= 1
+            last = left == 0
+        if last:
+            then()
+
+    for future in futures:
+        future.add_done_callback(one_done)
+
+
+def _input_error(fn: Callable[..., Any], inputs: list[Future]) -> DependencyError | None:
+    """A DependencyError if an input failed or was cancelled, else None."""
+    for future in inputs:
+        cause = CancelledError() if future.cancelled() else future.exception()
+        if cause is not None:
+            error = DependencyError(f"an input of {getattr(fn, '__qualname__', fn)!s} failed: {cause!r}")
+            error.__cause__ = cause
+            return error
+    return None
+
+
+def _copy_outcome(source: Future, target: Future) -> None:
+    """Settle `target` as `source` was settled, unless `target` was cancelled meanwhile."""
+    if source in _outputs:
+        _outputs[target] = _outputs[source]
+    with contextlib.suppress(InvalidStateError):
+        if source.cancelled():
+            target.cancel()
+        elif source.exception() is not None:
+            target.set_exception(source.exception())
+        else:
+            target.set_result(source.result())
+
+
+class _ResultsFile:
+    """Pickled results in a sqlite3 file, each with the digest of its pickle, which
+    is checked on reading: a damaged entry is an error, never a wrong result."""
+
+    FORMAT = "minipool results 1"
+    TABLES = frozenset({"about", "results"})
+
+    def __init__(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, "minipool-results.sqlite3")
+        self._lock = threading.Lock()  # one connection, used by the threads that settle futures
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            with self._lock, self._transaction():
+                self._check_format()
+        except sqlite3.DatabaseError as exc:
+            raise CacheError(f"{self.path} is not a minipool results cache, or is damaged: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")  # another process may be creating the file
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _check_format(self) -> None:
+        """Make the tables of a new file; refuse a file that holds anything else."""
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            self._db.execute("CREATE TABLE about (format TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE results (key BLOB PRIMARY KEY, digest BLOB NOT NULL, result BLOB NOT NULL)")
+            self._db.execute("INSERT INTO about VALUES (?)", (self.FORMAT,))
+            return
+        formats = list(self._db.execute("SELECT format FROM about")) if "about" in tables else []
+        if tables != self.TABLES or formats != [(self.FORMAT,)]:
+            raise CacheError(f"{self.path} is not a minipool results cache (tables {sorted(tables)}, format {formats})")
+
+    def get(self, key: bytes) -> tuple[bool, Any]:
+        """(True, the result) of the call, or (False, None) if none is kept."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT digest, result FROM results WHERE key = ?", (key,)).fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise CacheError(f"cannot read the results cache {self.path}: {exc}") from exc
+        if row is None:
+            return False, None
+        digest, result = row
+        if hashlib.sha256(result).digest() != digest:
+            raise CacheError(f"a damaged entry in the results cache {self.path}: remove the file to start afresh")
+        try:
+            return True, pickle.loads(result)
+        except Exception as exc:
+            raise CacheError(f"a result in {self.path} cannot be unpickled here: {exc!r}") from exc
+
+    def put(self, key: bytes, value: Any) -> None:
+        """Keep a result; one that cannot be pickled or written is only logged."""
+        try:
+            result = b"".join(_stub.pickle_parts(_Pickler, value))
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?)", (key, hashlib.sha256(result).digest(), result)
+                )
+        except Exception as exc:  # a full disk, a read-only file, an unpicklable result
+            _logger.warning("cannot keep a result in the results cache %s: %r", self.path, exc)
+
+
+class _Results:
+    """An app's results cache: calls that pickle to the same bytes (for the same
+    image) share one result. In memory, the future of each call, so an identical
+    call in flight shares the first one's; on disk (cache="dir"), the result of
+    each call that succeeded, so a re-run after a crash skips finished work. A
+    call that failed or was cancelled is not kept."""
+
+    def __init__(self, image: str, directory: str | None) -> None:
+        self._image = image.encode()
+        self._futures: dict[bytes, Future] = {}
+        self._lock = threading.Lock()
+        self._file = _ResultsFile(directory) if directory is not None else None
+
+    def key(self, parts: list) -> bytes:
+        digest = hashlib.sha256(self._image + b"\0")
+        for part in parts:
+            digest.update(part)
+        return digest.digest()
+
+    def claim(self, key: bytes, future: Future) -> Future | None:
+        """The future of an identical call, or None: then `future` is the call's."""
+        with self._lock:
+            known = self._futures.get(key)
+            if known is None and self._file is not None:
+                found, result = self._file.get(key)
+                if found:
+                    known = self._futures[key] = Future()
+                    known.set_result(result)
+            if known is not None:
+                return known
+            self._futures[key] = future
+        future.add_done_callback(lambda done: self._settled(key, done))
+        return None
+
+    def forget(self, key: bytes) -> None:
+        with self._lock:
+            self._futures.pop(key, None)
+
+    def _settled(self, key: bytes, future: Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self.forget(key)
+        elif self._file is not None:
+            self._file.put(key, future.result())
+
+
 _EngineSpec = Union[docker.DockerClient, str, None]
 
 
@@ -1591,6 +1834,7 @@ class ContainerPoolExecutor(Executor):
             if not os.path.exists(path):
                 raise ValueError(f"ship: {path!r} does not exist")
         self._label = label or image
+        self._image = image
         self._max_message_size = max_message_size
         pool_id = uuid.uuid4().hex[:12]
         engines = _connect_all(engine, max_blocks + 4, image, pool_id, self._label)
@@ -1684,28 +1928,133 @@ class ContainerPoolExecutor(Executor):
     def _submit_chunk(self, fn: Callable[..., Any], chunk: list) -> Future:
         return self._submit(_stub.CHUNK, (fn, chunk))
 
-    def _submit(self, kind: int, call: tuple) -> Future:
+    def _submit(self, kind: int, call: tuple, promised: bool = False, results: _Results | None = None) -> Future:
         future: Future = Future()
         try:
             parts, size = _pickle_call(call, self._max_message_size)
         except (TypeError, ValueError) as exc:
             # Like ProcessPoolExecutor: the future fails, the pool goes on.
-            self._pool.check_open()
+            self._pool.check_open(promised)
             future.set_exception(exc)
             return future
-        self._pool.submit(_WorkItem(future, kind, call[0], parts, size))
+        if results is None:
+            self._pool.submit(_WorkItem(future, kind, call[0], parts, size), promised)
+            return future
+        key = results.key(parts)
+        known = results.claim(key, future)
+        if known is not None:
+            return known
+        try:
+            self._pool.submit(_WorkItem(future, kind, call[0], parts, size), promised)
+        except BaseException:
+            results.forget(key)
+            raise
         return future
 
+    def app(
+        self, fn: Callable[..., Any] | None = None, /, *, cache: bool | str | os.PathLike = False
+    ) -> Any:
+        """Decorator, bare (@pool.app) or with options (@pool.app(cache=True)):
+        calling the function runs it in this pool and returns a Future;
+        `fn.__wrapped__` is the plain function.
+
+        Arguments that are Futures (top-level positional or keyword, from any
+        executor) stand for their results: the call is submitted once they are
+        done, without blocking the caller, and fails with DependencyError if one
+        of them failed. The pool's shutdown(wait=True) waits for such calls too.
+
+        cache=True: a call that pickles to the same bytes as an earlier one (same
+        function, same arguments) returns the earlier one's future; cache="dir"
+        also keeps each result in dir/minipool-results.sqlite3, for later runs.
+        """
+        if fn is None:
+            return functools.partial(self.app, cache=cache)
+        results = None if cache is False else _Results(self._image, None if cache is True else os.fspath(cache))
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Future:
+            return self._call_app(fn, results, args, kwargs)
+
+        return call
+
+    def _call_app(self, fn: Callable[..., Any], results: _Results | None, args: tuple, kwargs: dict) -> Future:
+        inputs = _inputs(args, kwargs)
+        if not inputs:
+            return self._submit(_stub.CALL, (fn, args, kwargs), results=results)
+        future: Future = Future()
+        self._pool.promise(future)
+        _when_all_done(inputs, lambda: self._dispatch(future, fn, results, args, kwargs, inputs))
+        return future
+
+    def _dispatch(
+        self, future: Future, fn: Callable[..., Any], results: _Results | None, args: tuple, kwargs: dict,
+        inputs: list[Future],
+    ) -> None:
+        """The app call's inputs are done: submit it with their results in their place."""
+        try:
+            if future.done():
+                return  # cancelled meanwhile
+            error = _input_error(fn, inputs)
+            if error is not None:
+                future.set_exception(error)
+                return
+            args = tuple(value.result() if isinstance(value, Future) else value for value in args)
+            kwargs = {name: value.result() if isinstance(value, Future) else value for name, value in kwargs.items()}
+            task = self._submit(_stub.CALL, (fn, args, kwargs), promised=True, results=results)
+        except Exception as exc:  # the pool is broken
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(exc)
+            return
+        finally:
+            self._pool.kept(future)
+        future.add_done_callback(lambda done: done.cancelled() and task.cancel())
+        task.add_done_callback(lambda done: _copy_outcome(done, future))
+
     def map(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator[Any]:
-        """Like Executor.map; each chunk of `chunksize` calls travels as one message."""
+        """Like Executor.map (CPython 3.14's, with buffersize); each chunk of
+        `chunksize` calls travels as one message.
+
+        buffersize: at most this many chunks are submitted ahead of the one whose
+        results are being yielded, so that a huge or endless input is read as the
+        results are consumed; None submits them all at once.
+        """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        chunk_results = Executor.map(
-            _ChunkSubmitter(self._submit_chunk), fn, _chunks(iterables, chunksize), timeout=timeout  # type: ignore[arg-type]
-        )
-        return itertools.chain.from_iterable(chunk_results)
+        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
+            raise ValueError("buffersize must be None or > 0.")
+        end = None if timeout is None else time.monotonic() + timeout
+        chunks = _chunks(iterables, chunksize)
+        submitted = collections.deque(self._submit_chunk(fn, chunk) for chunk in itertools.islice(chunks, buffersize))
+        return self._results(fn, chunks, submitted, buffersize, end)
+
+    def _results(
+        self, fn: Callable[..., Any], chunks: Iterator[list], submitted: collections.deque[Future],
+        buffersize: int | None, end: float | None,
+    ) -> Iterator[Any]:
+        """The chunks' results in order, submitting one more chunk (buffersize) as
+        each is taken; closed early, it cancels what it has not yielded."""
+        try:
+            while submitted:
+                if buffersize is not None:
+                    chunk = next(chunks, None)
+                    if chunk is not None:
+                        submitted.append(self._submit_chunk(fn, chunk))
+                future = submitted.popleft()
+                try:
+                    results = future.result(None if end is None else end - time.monotonic())
+                finally:
+                    future.cancel()
+                yield from results
+        finally:
+            for future in submitted:
+                future.cancel()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(cancel_futures)

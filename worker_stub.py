@@ -10,14 +10,17 @@ attach connection ties to the host:
     host ── HELLO ──►  stub            (the host speaks first)
     host ◄── READY ──  stub            (Python version, pickle protocol, pid)
     host ── CALL/CHUNK(task id) ──►    stub runs fn(*args, **kwargs) in its main thread
+    host ◄── OUTPUT(task id) ...  ───  what the task writes to stdout and stderr, as it comes
     host ◄── RESULT/RAISED(task id) ─  stub
 
 Every message is a fixed header (magic, version, kind, task id, payload length)
 followed by the payload: JSON for the handshake, pickles for everything else.
-The protocol's file descriptors are kept private: fd 1 points at stderr and fd 0
+The protocol's file descriptors are kept private: fds 1 and 2 point at a pipe
+whose contents go to the host as OUTPUT, tagged with the running task, and fd 0
 at /dev/null, so neither `print`, a C extension nor a subprocess can corrupt the
-channel. A second thread watches stdin for a hangup while a task runs, so the
-container ends at once when the host goes away (the engine closes stdin).
+channel; the stub's own messages go to the container's stderr. A second thread
+watches stdin for a hangup while a task runs, so the container ends at once when
+the host goes away (the engine closes stdin).
 
 Standard library only; runs on any CPython >= 3.8. The host also imports this
 module for the protocol's definitions, so the two sides cannot drift apart.
@@ -65,6 +68,13 @@ READY = 4  # JSON: {"python": [major, minor, micro], "pickle_protocol": n, "pid"
 RESULT = 5  # pickle of the return value (a list for CHUNK)
 RAISED = 6  # pickle of (type name, message, traceback text, pickled exception or None)
 LOST = 10  # JSON: {"exit_code": n}: the worker process running the task died; another took its place
+OUTPUT = 11  # bytes the task wrote to fd 1 or 2, in order, before its RESULT (task id 0: between tasks)
+DROPPED = 12  # JSON: {"bytes": n}: the task wrote n bytes past OUTPUT_LIMIT, which were not sent
+
+# What a task may write (fds 1 and 2) that reaches the host; the rest is counted.
+OUTPUT_LIMIT = 1 << 20
+# The container's stderr, for the stub's own messages: fds 1 and 2 carry the tasks' output.
+DIAGNOSTICS = 2
 
 
 # The container's command: `python3 -c BOOTSTRAP SILENCE`. The stub arrives over
@@ -182,16 +192,83 @@ def pickle_parts(pickler, obj):
 
 
 def private_channel():
-    """Keep the protocol's descriptors private; return them as (read fd, write fd)."""
+    """Keep the protocol's descriptors private; return them as (read fd, write fd).
+    fd 1 points at stderr until Output takes both."""
+    global DIAGNOSTICS
     channel_in = os.dup(0)
     channel_out = os.dup(1)
+    DIAGNOSTICS = os.dup(2)
     os.dup2(2, 1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    # fd 1 is stderr now; flush each line so the host logs prints as they happen.
+    # Flush each line, so the host sees prints as they happen.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     return channel_in, channel_out
+
+
+def diagnose(message):
+    """Write one of the stub's own messages to the container's stderr."""
+    os.write(DIAGNOSTICS, ("minipool worker: %s\n" % message).encode())
+
+
+class Output:
+    """What tasks write to fds 1 and 2: a pipe takes their place, and a thread sends
+    what comes through it to the host (OUTPUT), tagged with the running task, at
+    most OUTPUT_LIMIT bytes a task. Whatever the task wrote is sent before its
+    result: task() drains the pipe when the task ends."""
+
+    def __init__(self, send):
+        self.send = send  # send(kind, task_id, parts): one whole message on the channel
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        self.read_end = read_end
+        self.lock = threading.Lock()  # held while output is sent: task boundaries stay exact
+        self.task_id = 0
+        self.left = OUTPUT_LIMIT
+        self.dropped = 0
+        threading.Thread(target=self.forward, name="minipool-output", daemon=True).start()
+
+    def forward(self):
+        poller = select.poll()
+        poller.register(self.read_end, select.POLLIN)
+        while True:
+            poller.poll()
+            with self.lock:
+                self.drain()
+
+    def drain(self):
+        """Send what the pipe holds now (under the lock)."""
+        while True:
+            try:
+                data = os.read(self.read_end, 1 << 16)
+            except BlockingIOError:
+                return
+            kept = data[: max(self.left, 0)]
+            self.left -= len(data)
+            self.dropped += len(data) - len(kept)
+            if kept:
+                self.send(OUTPUT, self.task_id, [kept])
+
+    @contextlib.contextmanager
+    def task(self, task_id):
+        """Tag what is written meanwhile with the task; when it ends, send all of it."""
+        with self.lock:
+            self.drain()  # written between tasks
+            self.task_id, self.left, self.dropped = task_id, OUTPUT_LIMIT, 0
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            with self.lock:
+                self.drain()
+                if self.dropped:
+                    self.send(DROPPED, task_id, [json.dumps({"bytes": self.dropped}).encode()])
+                self.task_id, self.left, self.dropped = 0, OUTPUT_LIMIT, 0
 
 
 def serializer(use_cloudpickle):
@@ -277,8 +354,7 @@ HANGUP = select.POLLHUP | getattr(select, "POLLRDHUP", 0)
 
 
 def host_gone(why):
-    sys.stderr.write("minipool worker: %s; exiting\n" % why)
-    sys.stderr.flush()
+    diagnose("%s; exiting" % why)
     os._exit(0)
 
 
@@ -342,9 +418,21 @@ class Channel:
         return ""
 
 
-def serve(channel, writev, run):
+def locked(writev):
+    """send(kind, task_id, parts) for the threads of one process: whole messages."""
+    lock = threading.Lock()
+
+    def send(kind, task_id, parts):
+        with lock:
+            write_message(writev, kind, task_id, parts)
+
+    return send
+
+
+def serve(channel, send, run):
     """Run the host's tasks one at a time in this thread until STOP."""
     threading.Thread(target=channel.watch, name="minipool-watch", daemon=True).start()
+    output = Output(send)
     while True:
         try:
             kind, task_id, payload = channel.read()
@@ -353,9 +441,10 @@ def serve(channel, writev, run):
         if kind == STOP:
             return
         channel.busy = True
-        reply, parts = run(kind, payload)
+        with output.task(task_id):
+            reply, parts = run(kind, payload)
         del payload
-        write_message(writev, reply, task_id, parts)
+        send(reply, task_id, parts)
         channel.busy = False
         del parts
 
@@ -404,15 +493,22 @@ class Workers:
     def work(self, slot, read_end):
         """A worker process: run the tasks that come down its pipe, forever."""
         readinto = os.fdopen(read_end, "rb", buffering=0).readinto
+        lock = threading.Lock()  # the fcntl lock excludes other processes, this one threads
+
+        def send(kind, task_id, parts):
+            with lock, self.writing(slot):
+                write_message(self.writev, kind, task_id, parts)
+
+        output = Output(send)
         while True:
             try:
                 kind, task_id, payload = read_message(readinto, sys.maxsize)
             except EOFError:
                 os._exit(0)
-            reply, parts = self.run(kind, payload)
+            with output.task(task_id):
+                reply, parts = self.run(kind, payload)
             del payload
-            with self.writing(slot):
-                write_message(self.writev, reply, task_id, parts)
+            send(reply, task_id, parts)
             del parts
             os.write(self.done_write, bytes([slot]))
 
@@ -448,7 +544,7 @@ class Workers:
                 return
             slot = self.pids.pop(pid)
             if self.states[slot] == self.WRITING:
-                sys.stderr.write("minipool worker: a worker died while writing its result; the channel is broken\n")
+                diagnose("a worker died while writing its result; the channel is broken")
                 os._exit(70)
             os.close(self.pipes.pop(slot))
             task_id = self.running.pop(slot, None)
@@ -500,7 +596,9 @@ def supervise(channel, workers):
 
 def main():
     channel_in, channel_out = private_channel()
-    faulthandler.enable()
+    # A crash's traceback goes where the host reads it even when the task's output is
+    # lost; the crashing thread's only, so that it fits in the lines WorkerLost quotes.
+    faulthandler.enable(os.fdopen(DIAGNOSTICS, "w"), all_threads=False)
     # As PID 1 (a container without an init) Python would ignore SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
     channel = Channel(channel_in)
@@ -518,16 +616,22 @@ def main():
         max_size=hello["max_message_size"],
     )
     if hello["workers"] == 1:
-        serve(channel, writev, run)
+        serve(channel, locked(writev), run)
     else:
         workers = Workers(hello["workers"], channel_out, run)
         gone = supervise(channel, workers)
         workers.kill()  # idle after STOP; else their results have nowhere to go
         if gone:
             host_gone(gone)
+    sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception:
+        # The stub's own failure (say, garbage on the channel): fd 2 carries tasks' output.
+        diagnose(traceback.format_exc().rstrip())
+        os._exit(1)

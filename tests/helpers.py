@@ -173,3 +173,18 @@ def wait_for_blocks(pool, count):
     """Return once `count` tasks at once run in `count` containers: every block is ready (host side)."""
     while len({f.result() for f in [pool.submit(hostname_after, 0.5) for _ in range(count)]}) < count:
         pass
+
+
+def noted(path, value):
+    """Note one run in `path`, then return `value`."""
+    with open(path, "a") as file:
+        file.write("ran\n")
+    return value
+
+
+def say(word, times):
+    """Print `word` `times` times, a line at a time, slowly enough to interleave with others."""
+    for _ in range(times):
+        print(word)
+        time.sleep(0.01)
+    return word

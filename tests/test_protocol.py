@@ -202,11 +202,32 @@ def test_unpicklable_result_fails_only_its_task(worker):
     assert _reply(worker) == (stub.RESULT, 5, 42)
 
 
-def test_task_output_does_not_reach_the_channel(worker):
+def _output_then_reply(worker):
+    """The OUTPUT and DROPPED messages before the next reply, and the reply."""
+    messages = []
+    while (message := worker.receive())[0] in (stub.OUTPUT, stub.DROPPED):
+        messages.append(message)
+    kind, task_id, payload = message
+    return messages, (kind, task_id, pickle.loads(payload))
+
+
+def test_task_output_travels_as_output_messages_before_the_result(worker):
     worker.call(6, helpers.noisy, "clean")
-    assert _reply(worker) == (stub.RESULT, 6, "clean")
-    stderr = worker.close()
-    assert "noise from print" in stderr and "noise from fd 1" in stderr and "noise on stderr" in stderr
+    messages, reply = _output_then_reply(worker)
+    assert reply == (stub.RESULT, 6, "clean")
+    assert {(kind, task_id) for kind, task_id, _ in messages} == {(stub.OUTPUT, 6)}
+    assert b"".join(payload for *_, payload in messages) == b"noise from print\nnoise from fd 1\nnoise on stderr\n"
+    assert "noise" not in worker.close()
+
+
+def test_output_past_the_limit_is_counted_not_sent(worker):
+    worker.call(7, helpers.flood, 2)  # 4 MiB
+    messages, reply = _output_then_reply(worker)
+    assert reply == (stub.RESULT, 7, "intact")
+    sent = sum(len(payload) for kind, _, payload in messages if kind == stub.OUTPUT)
+    assert sent == stub.OUTPUT_LIMIT
+    assert messages[-1][:2] == (stub.DROPPED, 7)
+    assert json.loads(messages[-1][2]) == {"bytes": (4 << 20) - stub.OUTPUT_LIMIT}
 
 
 def test_closed_stdin_ends_the_stub_while_a_task_runs(worker):
