@@ -216,7 +216,8 @@ class Output:
     """What tasks write to fds 1 and 2: a pipe takes their place, and a thread sends
     what comes through it to the host (OUTPUT), tagged with the running task, at
     most OUTPUT_LIMIT bytes a task. Whatever the task wrote is sent before its
-    result: task() drains the pipe when the task ends."""
+    result: end() drains the pipe. (Both ends poll first: a read that finds
+    nothing costs an exception, and most tasks print nothing.)"""
 
     def __init__(self, send):
         self.send = send  # send(kind, task_id, parts): one whole message on the channel
@@ -226,6 +227,8 @@ class Output:
         os.close(write_end)
         os.set_blocking(read_end, False)
         self.read_end = read_end
+        self.readable = select.poll()  # the task's thread's own
+        self.readable.register(read_end, select.POLLIN)
         self.lock = threading.Lock()  # held while output is sent: task boundaries stay exact
         self.task_id = 0
         self.left = OUTPUT_LIMIT
@@ -253,22 +256,23 @@ class Output:
             if kept:
                 self.send(OUTPUT, self.task_id, [kept])
 
-    @contextlib.contextmanager
-    def task(self, task_id):
-        """Tag what is written meanwhile with the task; when it ends, send all of it."""
+    def start(self, task_id):
+        """Tag what is written from now on with the task."""
         with self.lock:
-            self.drain()  # written between tasks
+            if self.readable.poll(0):
+                self.drain()  # written between tasks
             self.task_id, self.left, self.dropped = task_id, OUTPUT_LIMIT, 0
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            with self.lock:
+
+    def end(self):
+        """The task is over: send what it wrote (before its result)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with self.lock:
+            if self.readable.poll(0):
                 self.drain()
-                if self.dropped:
-                    self.send(DROPPED, task_id, [json.dumps({"bytes": self.dropped}).encode()])
-                self.task_id, self.left, self.dropped = 0, OUTPUT_LIMIT, 0
+            if self.dropped:
+                self.send(DROPPED, self.task_id, [json.dumps({"bytes": self.dropped}).encode()])
+            self.task_id = 0
 
 
 def serializer(use_cloudpickle):
@@ -441,8 +445,9 @@ def serve(channel, send, run):
         if kind == STOP:
             return
         channel.busy = True
-        with output.task(task_id):
-            reply, parts = run(kind, payload)
+        output.start(task_id)
+        reply, parts = run(kind, payload)  # catches what the task raises
+        output.end()
         del payload
         send(reply, task_id, parts)
         channel.busy = False
@@ -505,8 +510,9 @@ class Workers:
                 kind, task_id, payload = read_message(readinto, sys.maxsize)
             except EOFError:
                 os._exit(0)
-            with output.task(task_id):
-                reply, parts = self.run(kind, payload)
+            output.start(task_id)
+            reply, parts = self.run(kind, payload)
+            output.end()
             del payload
             send(reply, task_id, parts)
             del parts
