@@ -270,7 +270,7 @@ class _WorkItem:
         if self.lines is not None:
             self.lines.end()
             self.lines = None
-        if self.output is not None:
+        if self.output is not None and self.kind == _stub.CALL:  # map's chunks are out of reach
             _outputs[self.future] = bytes(self.output)
 
     def overdue(self, now: float) -> bool:
@@ -895,15 +895,17 @@ class _Pool:
 
     # -- called by the executor
 
-    def submit(self, item: _WorkItem, promised: bool = False) -> None:
+    def submit(self, item: _WorkItem, promised: Future | None = None) -> None:
         """Queue the task; when a container is idle and the message small, the
         caller's thread sends it at once, sparing a hand-off to the block thread.
-        A promised task (see promise()) is taken after shutdown too."""
+        The task of an app call still promised (see promise()) is taken after
+        shutdown too."""
         with self._changed:
             self.check_open(promised)
             container = None
             if not self._pending and item.size <= _DIRECT_SEND:
-                idle = (c for c in self._containers if not c.in_flight and self._has_room(c, item))
+                workers = self._settings.workers_per_block
+                idle = (c for c in self._containers if len(c.in_flight) < workers and self._has_room(c, item))
                 container = next(idle, None)
             task_id = self._assign(container, item) if container is not None else None
             if task_id is None:
@@ -914,14 +916,14 @@ class _Pool:
         if container is not None and task_id is not None:
             self._send(container, [(task_id, item)])
 
-    def check_open(self, promised: bool = False) -> None:
+    def check_open(self, promised: Future | None = None) -> None:
         """Raise what submit must raise when the pool takes no more work."""
         with self._changed:
             if self._broken is not None:
                 # A pool that never started says so again (StartupError) to each submit.
                 kind = type(self._broken) if isinstance(self._broken, BrokenContainerPool) else BrokenContainerPool
                 raise kind(f"the pool cannot take work: {self._broken}") from self._broken
-            if self._shutdown and not promised:
+            if self._shutdown and promised not in self._promised:
                 raise RuntimeError("cannot schedule new futures after shutdown")
 
     def promise(self, future: Future) -> None:
@@ -1067,7 +1069,7 @@ class _Pool:
     def _scale_up(self) -> None:
         """Add a block while work waits that no idle or starting block will take (under the lock)."""
         starting = self._blocks - len(self._containers)
-        idle = any(not container.in_flight for container in self._containers)
+        idle = any(len(container.in_flight) < self._settings.workers_per_block for container in self._containers)
         if self._blocks < self._settings.max_blocks and len(self._pending) > starting and not idle:
             self._add_block()
 
@@ -1131,11 +1133,12 @@ class _Pool:
         are wrong); otherwise it is tried again, as the engine may only have hiccuped.
         """
         failures = 0
+        failed: set[_Engine] = set()
         while True:
             with self._changed:
                 if self._closing():
                     return None
-                engine = self._place()
+                engine = self._place(failed)
             try:
                 return self._start_container(engine)
             except StartupError as exc:
@@ -1145,6 +1148,7 @@ class _Pool:
                 if not engine.answers():
                     self._lose_engine(engine, exc)
                     continue
+                failed.add(engine)
                 failures += 1
                 if not ever_ready or failures == _REPLACEMENT_TRIES:
                     raise
@@ -1152,12 +1156,13 @@ class _Pool:
             with self._changed:
                 self._changed.wait_for(self._closing, 1.0)
 
-    def _place(self) -> _Engine:
-        """The engine for a new container (under the lock): the least loaded for its weight."""
+    def _place(self, failed: set[_Engine]) -> _Engine:
+        """The engine for a new container (under the lock): the least loaded for its
+        weight, among those where this block's start has not failed if any."""
         engines = [engine for engine in self._engines if not engine.lost]
         if not engines:
             raise StartupError(f"no engine is left: {', '.join(engine.name for engine in self._engines)} are lost")
-        engine = min(engines, key=_Engine.load)
+        engine = min([engine for engine in engines if engine not in failed] or engines, key=_Engine.load)
         engine.blocks += 1
         return engine
 
@@ -1524,7 +1529,7 @@ class _Pool:
 
     def _lost(self, container: _Container, what: str, exit_code: int | None, oom_killed: bool) -> WorkerLost:
         stderr = "\n".join(container.stderr_tail) or "(nothing)"
-        message = f"{what} ({_describe_exit(exit_code, oom_killed)}). Its last stderr lines:\n{stderr}"
+        message = f"{what} ({_describe_exit(exit_code, oom_killed)}). Its last lines of output:\n{stderr}"
         _logger.warning("pool %s: %s", self._label, message)
         return WorkerLost(message, container.id, exit_code, oom_killed, container.stderr_tail)
 
@@ -1617,6 +1622,18 @@ def _input_error(fn: Callable[..., Any], inputs: list[Future]) -> DependencyErro
             error.__cause__ = cause
             return error
     return None
+
+
+def _notify_cancel(future: Future) -> None:
+    """Make a cancelled future visible to wait() and as_completed(), as executors do."""
+    if future.cancelled():
+        future.set_running_or_notify_cancel()
+
+
+def _cancel_with(task: Future, future: Future) -> None:
+    """The app call's future was cancelled: so is its task, unless it runs."""
+    if future.cancelled():
+        task.cancel()
 
 
 def _copy_outcome(source: Future, target: Future) -> None:
@@ -1735,13 +1752,14 @@ class _Results:
         future.add_done_callback(lambda done: self._settled(key, done))
         return None
 
-    def forget(self, key: bytes) -> None:
+    def forget(self, key: bytes, future: Future) -> None:
         with self._lock:
-            self._futures.pop(key, None)
+            if self._futures.get(key) is future:
+                del self._futures[key]
 
     def _settled(self, key: bytes, future: Future) -> None:
         if future.cancelled() or future.exception() is not None:
-            self.forget(key)
+            self.forget(key, future)
         elif self._file is not None:
             self._file.put(key, future.result())
 
@@ -1928,7 +1946,9 @@ class ContainerPoolExecutor(Executor):
     def _submit_chunk(self, fn: Callable[..., Any], chunk: list) -> Future:
         return self._submit(_stub.CHUNK, (fn, chunk))
 
-    def _submit(self, kind: int, call: tuple, promised: bool = False, results: _Results | None = None) -> Future:
+    def _submit(
+        self, kind: int, call: tuple, promised: Future | None = None, results: _Results | None = None
+    ) -> Future:
         future: Future = Future()
         try:
             parts, size = _pickle_call(call, self._max_message_size)
@@ -1940,14 +1960,18 @@ class ContainerPoolExecutor(Executor):
         if results is None:
             self._pool.submit(_WorkItem(future, kind, call[0], parts, size), promised)
             return future
+        # A buffer the caller still holds could change before it is sent: the key
+        # must be of the bytes that go.
+        parts = [part if isinstance(part, bytes) else bytes(part) for part in parts]
         key = results.key(parts)
         known = results.claim(key, future)
         if known is not None:
             return known
         try:
             self._pool.submit(_WorkItem(future, kind, call[0], parts, size), promised)
-        except BaseException:
-            results.forget(key)
+        except BaseException as exc:
+            future.set_exception(exc)  # an identical call may have been given it already
+            results.forget(key, future)
             raise
         return future
 
@@ -1982,6 +2006,7 @@ class ContainerPoolExecutor(Executor):
         if not inputs:
             return self._submit(_stub.CALL, (fn, args, kwargs), results=results)
         future: Future = Future()
+        future.add_done_callback(_notify_cancel)
         self._pool.promise(future)
         _when_all_done(inputs, lambda: self._dispatch(future, fn, results, args, kwargs, inputs))
         return future
@@ -2000,14 +2025,15 @@ class ContainerPoolExecutor(Executor):
                 return
             args = tuple(value.result() if isinstance(value, Future) else value for value in args)
             kwargs = {name: value.result() if isinstance(value, Future) else value for name, value in kwargs.items()}
-            task = self._submit(_stub.CALL, (fn, args, kwargs), promised=True, results=results)
+            task = self._submit(_stub.CALL, (fn, args, kwargs), promised=future, results=results)
         except Exception as exc:  # the pool is broken
             with contextlib.suppress(InvalidStateError):
                 future.set_exception(exc)
             return
         finally:
             self._pool.kept(future)
-        future.add_done_callback(lambda done: done.cancelled() and task.cancel())
+        if results is None:  # a cached task may be another call's too: it stays
+            future.add_done_callback(functools.partial(_cancel_with, task))
         task.add_done_callback(lambda done: _copy_outcome(done, future))
 
     def map(
@@ -2027,7 +2053,9 @@ class ContainerPoolExecutor(Executor):
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0.")
         end = None if timeout is None else time.monotonic() + timeout
         chunks = _chunks(iterables, chunksize)

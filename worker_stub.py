@@ -224,7 +224,8 @@ class Output:
         read_end, write_end = os.pipe()
         os.dup2(write_end, 1)
         os.dup2(write_end, 2)
-        os.close(write_end)
+        # write_end stays open: a task that closes fds 1 and 2 leaves the pipe without
+        # writers, where a read would find end-of-file at once, for ever.
         os.set_blocking(read_end, False)
         self.read_end = read_end
         self.readable = select.poll()  # the task's thread's own
@@ -272,7 +273,7 @@ class Output:
                 self.drain()
             if self.dropped:
                 self.send(DROPPED, self.task_id, [json.dumps({"bytes": self.dropped}).encode()])
-            self.task_id = 0
+            self.task_id, self.left, self.dropped = 0, OUTPUT_LIMIT, 0
 
 
 def serializer(use_cloudpickle):
@@ -377,7 +378,7 @@ class Channel:
     def __init__(self, fd):
         self.fd = fd
         self.silence = float("inf")  # seconds, from the host's HELLO
-        self.readinto = os.fdopen(fd, "rb", buffering=0).readinto
+        self.read_some = os.fdopen(fd, "rb", buffering=0).readinto
         self.lock = threading.Lock()  # held by whichever thread reads
         self.early: collections.deque = collections.deque()  # messages the watcher read
         self.busy = False  # the main thread runs a task
@@ -393,9 +394,14 @@ class Channel:
 
     def receive(self):
         """The next message, KEEPALIVE included (by the thread that reads)."""
-        message = read_message(self.readinto, sys.maxsize)
+        return read_message(self.readinto, sys.maxsize)
+
+    def readinto(self, view):
+        # Each read counts as hearing from the host: a large message may take longer
+        # than `silence` to arrive.
+        count = self.read_some(view)
         self.heard = time.monotonic()
-        return message
+        return count
 
     def watch(self):
         poller = select.poll()

@@ -188,3 +188,10 @@ def say(word, times):
         print(word)
         time.sleep(0.01)
     return word
+
+
+def close_output():
+    """Close fds 1 and 2 for good, as a careless task might."""
+    os.close(1)
+    os.close(2)
+    return "closed"

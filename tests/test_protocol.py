@@ -220,6 +220,13 @@ def test_task_output_travels_as_output_messages_before_the_result(worker):
     assert "noise" not in worker.close()
 
 
+def test_a_task_that_closes_its_output_leaves_the_stub_working(worker):
+    worker.call(8, helpers.close_output)
+    assert _output_then_reply(worker)[1] == (stub.RESULT, 8, "closed")
+    worker.call(9, helpers.double, 4)
+    assert _output_then_reply(worker)[1] == (stub.RESULT, 9, 8)
+
+
 def test_output_past_the_limit_is_counted_not_sent(worker):
     worker.call(7, helpers.flood, 2)  # 4 MiB
     messages, reply = _output_then_reply(worker)

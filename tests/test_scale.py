@@ -61,6 +61,20 @@ def test_an_engine_without_the_image_is_named(second_engine, label):
         ContainerPoolExecutor(APP2, 2, engine=[None, second_engine.url], label=label)
 
 
+def test_an_engine_that_cannot_start_containers_any_more_gives_its_blocks_away(
+    second_engine, second_client, engine, label
+):
+    pool = ContainerPoolExecutor(APP1, 2, engine=[None, second_engine.url], label=label, ship=[HELPERS])
+    with pool:
+        helpers.wait_for_blocks(pool, 2)
+        assert spread(engine, second_client, label) == (1, 1)
+        second_client.images.remove(APP1, force=True)  # it answers, but can create nothing more
+        (doomed,) = containers_labelled(second_client, label)
+        second_client.api.kill(doomed)
+        wait_until(lambda: spread(engine, second_client, label) == (2, 0), what="its block to start here")
+        assert list(pool.map(helpers.double, range(10))) == [2 * i for i in range(10)]
+
+
 def test_an_engine_that_stops_loses_no_result(second_engine, second_client, engine, label):
     pool = ContainerPoolExecutor(APP1, 4, engine=[None, second_engine.url], retries=2, label=label, ship=[HELPERS])
     with pool:
@@ -83,6 +97,14 @@ def test_blocks_are_added_while_work_waits(make_pool, engine, label):
     wait_until(lambda: len(containers_labelled(engine, label)) == 4, what="four blocks")
     assert [f.result(DEADLOCK) for f in futures] == list(range(12))
     assert len(containers_labelled(engine, label)) == 4, "more blocks than max_blocks"
+
+
+def test_a_block_with_free_worker_processes_takes_work_before_a_new_block(make_pool, engine, label):
+    pool = make_pool(blocks=1, max_blocks=4, workers_per_block=3)
+    helpers.wait_for_blocks(pool, 1)
+    futures = [pool.submit(helpers.sleep_then, 1, i) for i in range(3)]
+    assert [f.result(DEADLOCK) for f in futures] == list(range(3))
+    assert len(containers_labelled(engine, label)) == 1
 
 
 def test_idle_blocks_are_removed_down_to_min_blocks(make_pool, engine, label):

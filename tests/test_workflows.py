@@ -113,6 +113,7 @@ def test_shutdown_cancel_futures_cancels_calls_waiting_for_inputs(make_pool):
     waiting = pool.app(helpers.double)(never)
     pool.shutdown(wait=True, cancel_futures=True)
     assert waiting.cancelled()
+    assert waiting in cf.wait([waiting], timeout=DEADLOCK).done
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.app(helpers.double)(1)
 
@@ -123,6 +124,7 @@ def test_cancelling_a_waiting_call_never_runs_it(make_pool, shared):
     gate = cf.Future()
     waiting = pool.app(helpers.noted)("/shared/runs", gate)
     assert waiting.cancel()
+    assert waiting in cf.wait([waiting], timeout=DEADLOCK).done
     gate.set_result(1)
     assert pool.submit(helpers.double, 1).result(DEADLOCK) == 2
     assert runs(directory) == 0
@@ -141,6 +143,20 @@ def test_cache_runs_an_identical_call_once(make_pool, shared):
     assert noted("/shared/runs", [1, 2]).result(DEADLOCK) == [1, 2]
     assert noted("/shared/runs", [1, 3]).result(DEADLOCK) == [1, 3]
     assert runs(directory) == 2
+
+
+def test_cancelling_a_call_leaves_the_identical_call_it_shares_a_task_with(make_pool, shared):
+    directory, options = shared
+    pool = make_pool(**options)
+    busy = pool.submit(helpers.sleep_then, 1, "busy")
+    noted = pool.app(cache=True)(helpers.noted)
+    first = noted("/shared/runs", 1)  # queued behind `busy`
+    gate = cf.Future()
+    second = noted("/shared/runs", gate)
+    gate.set_result(1)  # the same call: it shares the first one's task
+    assert second.cancel()
+    assert first.result(DEADLOCK) == 1 and busy.result(DEADLOCK) == "busy"
+    assert runs(directory) == 1
 
 
 def test_a_failed_call_is_not_cached(make_pool, shared):
