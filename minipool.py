@@ -882,6 +882,9 @@ class _Pool:
         self._blocks = 0  # blocks that run or start a container, and are not retiring
         self._alive = 0  # block threads not yet finished, retiring ones included
         self._finished = False  # every block stopped, every engine closed
+        # Set with _finished, for the keepalive thread: a waiter on _changed would be
+        # woken by every task's notify_all.
+        self._finished_event = threading.Event()
         self._ever_ready = False  # a container of the pool has been ready once
         self._containers: set[_Container] = set()  # ready, and taking tasks
         self._threads: list[threading.Thread] = []
@@ -1022,6 +1025,7 @@ class _Pool:
             if self._finished or self._alive or not self._closing():
                 return
             self._finished = True  # claimed: this thread finishes the pool
+            self._finished_event.set()
         for engine in self._engines:
             self._remove_leftovers(engine)
             engine.close()
@@ -1044,10 +1048,8 @@ class _Pool:
     def _keep_alive(self) -> None:
         """Until the pool is finished, tell its containers now and then that the host
         is there (worker_stub.Channel)."""
-        while True:
+        while not self._finished_event.wait(_HOST_SILENCE / 6):
             with self._changed:
-                if self._changed.wait_for(lambda: self._finished, _HOST_SILENCE / 6):
-                    return
                 containers = list(self._containers)
             for container in containers:
                 container.keep_alive()
