@@ -246,7 +246,7 @@ class _WorkItem:
         self.kind = kind
         # Tasks of one function (and kind: a chunk holds several calls) share a pace.
         self.pace_key = (kind, getattr(fn, "__module__", None), getattr(fn, "__qualname__", type(fn).__qualname__))
-        self.expected = _FIRST_PACE  # seconds it should take, once sent
+        self.expected = 0.0  # seconds it should take, from its function's pace when sent
         self.parts = parts  # the pickled call, as the buffers the pickler wrote
         self.size = size
         self.running = False  # its future is RUNNING: it was taken by a container once
@@ -907,8 +907,7 @@ class _Pool:
             self.check_open(promised)
             container = None
             if not self._pending and item.size <= _DIRECT_SEND:
-                workers = self._settings.workers_per_block
-                idle = (c for c in self._containers if len(c.in_flight) < workers and self._has_room(c, item))
+                idle = (c for c in self._containers if self._has_free_worker(c) and self._has_room(c, item))
                 container = next(idle, None)
             task_id = self._assign(container, item) if container is not None else None
             if task_id is None:
@@ -1071,7 +1070,7 @@ class _Pool:
     def _scale_up(self) -> None:
         """Add a block while work waits that no idle or starting block will take (under the lock)."""
         starting = self._blocks - len(self._containers)
-        idle = any(len(container.in_flight) < self._settings.workers_per_block for container in self._containers)
+        idle = any(self._has_free_worker(container) for container in self._containers)
         if self._blocks < self._settings.max_blocks and len(self._pending) > starting and not idle:
             self._add_block()
 
@@ -1345,14 +1344,16 @@ class _Pool:
     def _pipelines(self, container: _Container, item: _WorkItem) -> bool:
         """Whether the task may join those in flight: a worker is free, or all of
         them together are quick (_PIPELINE_SECONDS) (under the lock)."""
-        workers = self._settings.workers_per_block
-        if len(container.in_flight) < workers:
+        if self._has_free_worker(container):
             return True
         # task_timeout kills the whole container: tasks queued behind the late one
         # would be lost with it, so with a timeout there is one task in flight per worker.
         if self._settings.task_timeout is not None or len(container.in_flight) >= _MAX_IN_FLIGHT:
             return False
-        return container.backlog + self._pace(item) <= _PIPELINE_SECONDS * workers
+        return container.backlog + self._pace(item) <= _PIPELINE_SECONDS * self._settings.workers_per_block
+
+    def _has_free_worker(self, container: _Container) -> bool:
+        return len(container.in_flight) < self._settings.workers_per_block
 
     def _pace(self, item: _WorkItem) -> float:
         return self._paces.get(item.pace_key, _FIRST_PACE)
@@ -1754,14 +1755,11 @@ class _Results:
         future.add_done_callback(lambda done: self._settled(key, done))
         return None
 
-    def forget(self, key: bytes, future: Future) -> None:
-        with self._lock:
-            if self._futures.get(key) is future:
-                del self._futures[key]
-
     def _settled(self, key: bytes, future: Future) -> None:
         if future.cancelled() or future.exception() is not None:
-            self.forget(key, future)
+            with self._lock:
+                if self._futures.get(key) is future:  # not a later call's
+                    del self._futures[key]
         elif self._file is not None:
             self._file.put(key, future.result())
 
@@ -1959,21 +1957,17 @@ class ContainerPoolExecutor(Executor):
             self._pool.check_open(promised)
             future.set_exception(exc)
             return future
-        if results is None:
-            self._pool.submit(_WorkItem(future, kind, call[0], parts, size), promised)
-            return future
-        # A buffer the caller still holds could change before it is sent: the key
-        # must be of the bytes that go.
-        parts = [part if isinstance(part, bytes) else bytes(part) for part in parts]
-        key = results.key(parts)
-        known = results.claim(key, future)
-        if known is not None:
-            return known
+        if results is not None:
+            # A buffer the caller still holds could change before it is sent: the key
+            # must be of the bytes that go.
+            parts = [part if isinstance(part, bytes) else bytes(part) for part in parts]
+            known = results.claim(results.key(parts), future)
+            if known is not None:
+                return known
         try:
             self._pool.submit(_WorkItem(future, kind, call[0], parts, size), promised)
         except BaseException as exc:
-            future.set_exception(exc)  # an identical call may have been given it already
-            results.forget(key, future)
+            future.set_exception(exc)  # an identical call may share it; the cache then forgets it
             raise
         return future
 

@@ -265,6 +265,18 @@ def podman(engine, images):
         yield podman
 
 
+@pytest.fixture(params=["docker", "podman"])
+def any_engine(request, engine):
+    """(client, URL, container options) of the Docker engine, then of a Podman service."""
+    if request.param == "docker":
+        yield engine, None, {}
+        return
+    podman = request.getfixturevalue("podman")
+    client = podman.client()
+    yield client, podman.url, podman.container_options
+    client.close()
+
+
 @pytest.fixture(autouse=True)
 def dump_stacks_on_deadlock():
     """A test that hangs past the deadlock timeout prints every thread's stack."""

@@ -36,18 +36,6 @@ def test_a_lost_process_task_is_retried(make_pool, tmp_path):
     assert pool.submit(helpers.die_once, "/shared/marker").result(DEADLOCK) == "second time lucky"
 
 
-@pytest.fixture(params=["docker", "podman"])
-def any_engine(request, engine):
-    """(client, URL, container options) of the Docker engine, then of a Podman service."""
-    if request.param == "docker":
-        yield engine, None, {}
-        return
-    podman = request.getfixturevalue("podman")
-    client = podman.client()
-    yield client, podman.url, podman.container_options
-    client.close()
-
-
 @pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL])
 def test_a_host_that_stops_answering_loses_its_containers(any_engine, images, label, how):
     """With the caller frozen, or killed on Podman (which ignores StdinOnce): the
