@@ -225,3 +225,11 @@ class ExitsWhenUnpickled:
 
 def exits_when_unpickled():
     return ExitsWhenUnpickled()
+
+
+def exit_after(seconds, code=None):
+    """Sleep, then end the process with `code`; with None, return normally."""
+    time.sleep(seconds)
+    if code is not None:
+        os._exit(code)
+    return seconds
