@@ -145,6 +145,19 @@ def test_cache_runs_an_identical_call_once(make_pool, shared):
     assert runs(directory) == 2
 
 
+@pytest.mark.parametrize("where", ["memory", "directory"])
+def test_the_cache_tells_calls_apart_by_their_keyword_arguments(make_pool, tmp_path, where):
+    pool = make_pool()
+    add = pool.app(cache=True if where == "memory" else tmp_path)(helpers.add)
+    echo = pool.app(cache=True if where == "memory" else tmp_path)(helpers.echo)
+    assert add(1, b=2).result(DEADLOCK) == 3
+    assert add(1, b=3).result(DEADLOCK) == 4
+    assert add(1).result(DEADLOCK) == 1
+    assert echo(1, key="a").result(DEADLOCK) == ((1,), {"key": "a"})
+    assert echo(1, key="b").result(DEADLOCK) == ((1,), {"key": "b"})
+    assert echo(1, other="a").result(DEADLOCK) == ((1,), {"other": "a"})
+
+
 def test_cancelling_a_call_leaves_the_identical_call_it_shares_a_task_with(make_pool, shared):
     directory, options = shared
     pool = make_pool(**options)
