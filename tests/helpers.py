@@ -227,7 +227,7 @@ def write_unterminated(text):
     return len(text)
 
 
-def announce_then_sleep(seconds):
-    """Print one line (the task has started), then sleep."""
+def announce_then(fn, *args):
+    """Print "started" (what the host sees first of the task), then return fn(*args)."""
     print("started", flush=True)
-    time.sleep(seconds)
+    return fn(*args)

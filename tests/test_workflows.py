@@ -14,6 +14,7 @@ import helpers
 from conftest import APP2
 from conftest import DEADLOCK
 from conftest import ROOT
+from conftest import wait_until
 from minipool import CacheError
 from minipool import DependencyError
 from minipool import output
@@ -218,13 +219,25 @@ def test_a_damaged_entry_is_an_error_never_a_wrong_result(make_pool, tmp_path):
 # --------------------------------------------------------------------------- captured output
 
 
-def test_a_tasks_output_is_kept_for_its_future(make_pool):
-    pool = make_pool()
+def test_a_tasks_output_is_kept_for_its_future(make_pool, shared, caplog):
+    directory, options = shared
+    pool = make_pool(**options)
     future = pool.submit(helpers.noisy, "clean")
     assert future.result(DEADLOCK) == "clean"
     assert output(future) == "noise from print\nnoise from fd 1\nnoise on stderr\n"
-    assert output(pool.submit(helpers.double, 1)) == ""  # not done yet, or wrote nothing
+    quiet = pool.submit(helpers.double, 1)
+    assert quiet.result(DEADLOCK) == 2
+    assert output(quiet) == ""  # done, and wrote nothing
     assert output(cf.Future()) == ""
+    # Not done yet: nothing, even once what it wrote has reached the host (and the log).
+    with caplog.at_level(logging.INFO, logger="minipool.worker"):
+        waiting = pool.submit(helpers.announce_then, helpers.wait_for_file, "/shared/gate", "opened")
+        wait_until(lambda: any(r.getMessage().endswith(": started") for r in caplog.records), what="its output")
+    assert not waiting.done()
+    assert output(waiting) == ""
+    (directory / "gate").touch()
+    assert waiting.result(DEADLOCK) == "opened"
+    assert output(waiting) == "started\n"
 
 
 def test_each_worker_process_output_goes_to_its_own_task(make_pool):
