@@ -41,8 +41,11 @@ def executor(request, tmp_path):
 
 @pytest.fixture
 def shared(executor, tmp_path):
-    """tmp_path, which a thread sees as it is and a container as /shared."""
-    return Shared(tmp_path, str(tmp_path) if isinstance(executor, cf.ThreadPoolExecutor) else "/shared")
+    """tmp_path, which a thread sees as it is and a container as /shared. Its file
+    "gate" is created at the end, before the executor shuts down: a test that fails
+    before it opens its gate leaves no task waiting there."""
+    yield Shared(tmp_path, str(tmp_path) if isinstance(executor, cf.ThreadPoolExecutor) else "/shared")
+    (tmp_path / "gate").touch()
 
 
 def test_submit_returns_the_result(executor):

@@ -230,12 +230,14 @@ def test_a_tasks_output_is_kept_for_its_future(make_pool, shared, caplog):
     assert output(quiet) == ""  # done, and wrote nothing
     assert output(cf.Future()) == ""
     # Not done yet: nothing, even once what it wrote has reached the host (and the log).
-    with caplog.at_level(logging.INFO, logger="minipool.worker"):
-        waiting = pool.submit(helpers.announce_then, helpers.wait_for_file, "/shared/gate", "opened")
-        wait_until(lambda: any(r.getMessage().endswith(": started") for r in caplog.records), what="its output")
-    assert not waiting.done()
-    assert output(waiting) == ""
-    (directory / "gate").touch()
+    waiting = pool.submit(helpers.announce_then, helpers.wait_for_file, "/shared/gate", "opened")
+    try:
+        with caplog.at_level(logging.INFO, logger="minipool.worker"):
+            wait_until(lambda: any(r.getMessage().endswith(": started") for r in caplog.records), what="its output")
+        assert not waiting.done()
+        assert output(waiting) == ""
+    finally:
+        (directory / "gate").touch()  # a failure must not leave the task waiting for the pool's shutdown
     assert waiting.result(DEADLOCK) == "opened"
     assert output(waiting) == "started\n"
 
