@@ -7,9 +7,12 @@ import signal
 import threading
 import time
 
+import pytest
+
 import helpers
 from conftest import DEADLOCK
 from conftest import ROOT
+from conftest import assert_none_left
 from conftest import containers_labelled
 from conftest import left_by_a_dead_caller
 from conftest import start_script
@@ -116,6 +119,15 @@ def test_caller_killed_while_tasks_run_leaves_no_container(images, engine, label
     process.send_signal(signal.SIGKILL)
     finish(process)
     wait_until(lambda: not containers_labelled(engine, label), timeout=10, what="containers of a killed caller to go")
+
+
+def test_a_leak_fails_the_test_and_is_removed(engine, images, label):
+    """The label fixture's check: a container left behind fails the test, and is
+    removed first, not left for the tests after it."""
+    left_by_a_dead_caller(engine, label)
+    with pytest.raises(AssertionError, match="containers left behind"):
+        assert_none_left(engine, label, timeout=0.2)
+    assert not containers_labelled(engine, label)
 
 
 def test_a_container_left_in_created_by_a_dead_caller_is_swept_by_the_next_pool(any_engine, images, label):
