@@ -85,8 +85,8 @@ def test_map_raises_the_first_failure_in_order(executor):
         list(results)
 
 
-def test_map_timeout(executor):
-    results = executor.map(helpers.sleep_then, [1.5], timeout=0.1)
+def test_map_timeout(executor, shared):
+    results = executor.map(helpers.wait_for_file, [f"{shared.task}/gate"], timeout=0.1)  # opened at the end
     with pytest.raises(cf.TimeoutError):
         next(results)
 
@@ -143,13 +143,16 @@ def test_cancel_queued_work_only(executor, shared):
     assert not (shared.host / "runs").exists(), "the cancelled task ran"
 
 
-def test_shutdown_cancel_futures(executor):
-    running = [executor.submit(helpers.sleep_then, 1.0, i) for i in range(2)]
+def test_shutdown_cancel_futures(executor, shared):
+    # The running tasks wait at a gate until the queued ones are cancelled.
+    running = [executor.submit(helpers.wait_for_file, f"{shared.task}/gate", i) for i in range(2)]
     wait_until(lambda: all(f.running() for f in running), what="both tasks to start")
     queued = [executor.submit(helpers.identity, i) for i in range(5)]
-    executor.shutdown(wait=True, cancel_futures=True)
-    assert [f.result() for f in running] == [0, 1]
+    executor.shutdown(wait=False, cancel_futures=True)
     assert all(f.cancelled() for f in queued)
+    (shared.host / "gate").touch()
+    executor.shutdown(wait=True)
+    assert [f.result() for f in running] == [0, 1]
 
 
 def test_shutdown_finishes_queued_work(executor):
