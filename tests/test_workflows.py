@@ -230,9 +230,10 @@ def test_a_tasks_output_is_kept_for_its_future(make_pool, shared, caplog):
     assert output(quiet) == ""  # done, and wrote nothing
     assert output(cf.Future()) == ""
     # Not done yet: nothing, even once what it wrote has reached the host (and the log).
-    waiting = pool.submit(helpers.announce_then, helpers.wait_for_file, "/shared/gate", "opened")
     try:
+        # The level first: the task's line may be logged before submit returns.
         with caplog.at_level(logging.INFO, logger="minipool.worker"):
+            waiting = pool.submit(helpers.announce_then, helpers.wait_for_file, "/shared/gate", "opened")
             wait_until(lambda: any(r.getMessage().endswith(": started") for r in caplog.records), what="its output")
         assert not waiting.done()
         assert output(waiting) == ""
