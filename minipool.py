@@ -36,6 +36,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import difflib
 import functools
 import hashlib
 import importlib
@@ -75,6 +76,7 @@ from typing import Union
 
 import docker
 import docker.errors
+import docker.models.containers
 from docker.types import LogConfig
 
 try:
@@ -345,8 +347,9 @@ def _pickle_call(call: tuple, max_size: int) -> tuple[list, int]:
     return parts, size
 
 
-def _remote_exception(payload: bytearray | mmap.mmap) -> BaseException:
-    """Rebuild a task's exception, with the container's traceback as its cause."""
+def _remote_exception(payload: bytearray | mmap.mmap, where: str) -> BaseException:
+    """Rebuild a task's exception, with the traceback as the container (`where`)
+    printed it as its cause."""
     type_name, message, text, pickled = pickle.loads(payload)
     error: BaseException | None = None
     if pickled is not None:
@@ -355,7 +358,7 @@ def _remote_exception(payload: bytearray | mmap.mmap) -> BaseException:
             error = pickle.loads(pickled)
     if not isinstance(error, BaseException):
         error = RemoteError(type_name, message, text)
-    error.__cause__ = _RemoteTraceback(text)
+    error.__cause__ = _RemoteTraceback(f"In {where}:\n{text}")
     return error
 
 
@@ -370,14 +373,14 @@ def output(future: Future) -> str:
     return _outputs.get(future, b"").decode("utf-8", "replace")
 
 
-def _settle(future: Future, kind: int, payload: bytearray | mmap.mmap) -> None:
-    """Complete the future from a RESULT or RAISED message.
+def _settle(future: Future, kind: int, payload: bytearray | mmap.mmap, where: str) -> None:
+    """Complete the future from a RESULT or RAISED message from `where` (the container).
 
     Unpickling runs the result's own code, which may raise anything, SystemExit
     included: that fails the future, never the reader thread.
     """
     try:
-        outcome = _remote_exception(payload) if kind == _stub.RAISED else pickle.loads(payload)
+        outcome = _remote_exception(payload, where) if kind == _stub.RAISED else pickle.loads(payload)
     except BaseException as exc:
         kind, outcome = _stub.RAISED, MiniPoolError(f"the task's result cannot be unpickled on the host: {exc!r}")
         outcome.__cause__ = exc
@@ -390,11 +393,35 @@ def _settle(future: Future, kind: int, payload: bytearray | mmap.mmap) -> None:
 # --------------------------------------------------------------------------- engine and containers
 
 
+def _bare(exc: BaseException) -> BaseException:
+    """`exc` without its traceback and its own causes, to be the __cause__ of one of
+    our errors: reachable for whoever looks, while what is printed stays a few lines
+    (docker-py's chains of requests and urllib3 errors run to a hundred)."""
+    exc.__cause__ = None
+    exc.__suppress_context__ = True
+    return exc.with_traceback(None)
+
+
+def _reason(exc: BaseException) -> str:
+    """The operating system's word for what failed (say "Connection refused"), found
+    under docker-py's and urllib3's wrappers; else the error's own text."""
+    found: collections.deque[BaseException] = collections.deque([exc])
+    for _ in range(50):  # breadth first, through causes and arguments
+        if not found:
+            break
+        error = found.popleft()
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        found += [arg for arg in error.args if isinstance(arg, BaseException)]
+        found += [cause for cause in (error.__cause__, error.__context__) if cause is not None]
+    return str(exc)
+
+
 def _connect(engine: Any, pool_size: int) -> tuple[docker.DockerClient, bool, str]:
     """The engine's client, whether we made it (and so must close it), and its name for messages."""
     if isinstance(engine, str) and engine.startswith("ssh://"):
         raise StartupError(_NO_SSH)
-    name = engine if isinstance(engine, str) else os.environ.get("DOCKER_HOST", "the default socket")
+    name = engine if isinstance(engine, str) else _default_engine()
     try:
         if engine is None:
             client, owned = docker.from_env(max_pool_size=pool_size), True
@@ -405,15 +432,26 @@ def _connect(engine: Any, pool_size: int) -> tuple[docker.DockerClient, bool, st
         else:
             raise TypeError(f"an engine is a docker.DockerClient, a URL or None, not {engine!r}")
     except (docker.errors.DockerException, OSError) as exc:
-        raise StartupError(
-            f"cannot reach a Docker engine at {name}: {exc}. Is dockerd running, and may this user use it?"
-        ) from exc
+        reason = _reason(exc)
+        fix = (
+            "This user may not use it: add it to the docker group, or use a rootless engine"
+            if "ermission denied" in reason
+            else "Start dockerd (or Podman's service), or point DOCKER_HOST or engine= at the engine's socket"
+        )
+        raise StartupError(f"cannot reach a Docker engine at {name}: {reason}. {fix}") from _bare(exc)
     # The attach socket of an ssh engine has neither recv_into nor sendmsg.
     if client.api.base_url == "http+docker://ssh":
         if owned:
             client.close()
         raise StartupError(_NO_SSH)
     return client, owned, name
+
+
+def _default_engine() -> str:
+    """The engine docker.from_env() talks to, named for messages."""
+    if os.environ.get("DOCKER_HOST"):
+        return f"{os.environ['DOCKER_HOST']} (DOCKER_HOST)"
+    return "unix:///var/run/docker.sock"
 
 
 _NO_SSH = (
@@ -489,7 +527,7 @@ def _open_engine(spec: Any, weight: float, pool_size: int, image: str, pool_id: 
         if owned:
             client.close()
         if isinstance(exc, (docker.errors.DockerException, OSError)):
-            raise StartupError(f"cannot start a pool on the engine at {name}: {exc}") from exc
+            raise StartupError(f"cannot start a pool on the engine at {name}: {_reason(exc)}") from _bare(exc)
         raise
     _sweep_orphans(engine)
     return engine
@@ -499,9 +537,12 @@ def _check_image(client: docker.DockerClient, name: str, image: str) -> None:
     try:
         client.api.inspect_image(image)
     except docker.errors.ImageNotFound as exc:
-        raise StartupError(f"image {image!r} is not on the engine at {name}: build or pull it first") from exc
+        raise StartupError(
+            f"image {image!r} is not on the engine at {name}: build it or pull it first "
+            f"(the seed's app1_v0.1 and app2_v0.1: python images/build.py)"
+        ) from _bare(exc)
     except (docker.errors.DockerException, OSError) as exc:
-        raise StartupError(f"cannot reach the Docker engine at {name}: {exc}") from exc
+        raise StartupError(f"cannot reach the Docker engine at {name}: {_reason(exc)}") from _bare(exc)
 
 
 def _owner(labels: Mapping[str, str]) -> str:
@@ -971,7 +1012,7 @@ class _Pool:
     def stop_containers(self, how: signal.Signals, caller: str) -> None:
         """terminate_workers() and kill_workers(): cancel queued work, signal every
         container now; the tasks they ran fail with BrokenContainerPool."""
-        error = BrokenContainerPool(f"the pool's containers were stopped with {how.name} by {caller}()")
+        error = BrokenContainerPool(f"the pool's containers were stopped with {how.name} by {caller}")
         with self._changed:
             self._broken = self._broken or error
             self._shutdown = True
@@ -1227,7 +1268,7 @@ class _Pool:
         try:
             container_id = str(engine.client.containers.create(**self._settings.create_options).id)
         except (docker.errors.DockerException, OSError) as exc:
-            raise self._startup_error(exc, engine, None) from exc
+            raise self._startup_error(exc, engine, None) from _bare(exc)
         _logger.debug("pool %s: created container %s on %s", self._label, container_id[:12], engine.name)
         exits.expect(container_id)
         sock = container = None
@@ -1249,7 +1290,7 @@ class _Pool:
                 raise
             error = self._startup_error(exc, engine, container)
             exits.forget(container_id)
-            raise error from exc
+            raise error from _bare(exc)
         container.reader = threading.Thread(
             target=self._read_results, args=(container,), name=f"minipool-{self._label}-reader-{container.short_id}",
             daemon=True,
@@ -1484,6 +1525,7 @@ class _Pool:
 
     def _settle_results(self, container: _Container) -> None:
         """Settle each future as its result arrives, until the stream ends."""
+        where = f"container {container.short_id} of image {self._settings.image!r}"
         while True:
             kind, task_id, payload = container.receive(self._settings.max_message_size)
             if kind in (_stub.OUTPUT, _stub.DROPPED):
@@ -1510,7 +1552,7 @@ class _Pool:
                 continue
             item.keep_output()
             try:
-                _settle(item.future, kind, payload)
+                _settle(item.future, kind, payload, where)
             finally:
                 _stub.release(payload)
             del payload
@@ -1583,12 +1625,31 @@ _exit_hooks_installed = False
 
 
 def _python_exit() -> None:
-    """At interpreter exit: finish queued work, stop every container."""
-    pools = list(_live_pools)
+    """At interpreter exit: finish queued work, stop every container. After an
+    uncaught exception (Ctrl-C, say) queued work is cancelled and only running
+    tasks are waited for; a Ctrl-C meanwhile kills the containers."""
+    # sys.last_value is set once an exception reaches the top; in an interactive
+    # session that happens without the program ending.
+    failed = getattr(sys, "last_value", None) is not None and not hasattr(sys, "ps1")
+    with contextlib.suppress(KeyboardInterrupt):
+        _close(list(_live_pools), cancel_futures=failed)
+
+
+def _close(pools: list[_Pool], cancel_futures: bool) -> None:
+    """Shut the pools down and wait for them. A Ctrl-C while waiting kills their
+    containers (their tasks fail with BrokenContainerPool), waits for their
+    removal, and is raised."""
     for pool in pools:
-        pool.shutdown()
-    for pool in pools:
-        pool.join()
+        pool.shutdown(cancel_futures)
+    try:
+        for pool in pools:
+            pool.join()
+    except KeyboardInterrupt:
+        for pool in pools:
+            pool.stop_containers(signal.SIGKILL, "a Ctrl-C while the pool was shutting down")
+        for pool in pools:
+            pool.join()
+        raise
 
 
 def _install_exit_hooks() -> None:
@@ -1622,6 +1683,25 @@ def _check_seconds(name: str, value: Any, optional: bool = False) -> None:
         raise TypeError(f"{name} must be a number of seconds{' or None' if optional else ''}, not {value!r}")
     if not 0 < value <= threading.TIMEOUT_MAX:
         raise ValueError(f"{name} must be > 0 and <= {threading.TIMEOUT_MAX:.0f} seconds, not {value!r}")
+
+
+# What docker's containers.create takes besides image and command.
+_CREATE_OPTIONS = frozenset(
+    [
+        *docker.models.containers.RUN_CREATE_KWARGS,
+        *docker.models.containers.RUN_HOST_CONFIG_KWARGS,
+        *["network", "networking_config", "ports", "volumes"],  # what create() takes apart itself
+    ]
+)
+
+
+def _check_container_options(options: Mapping[str, Any]) -> None:
+    """A misspelt option is named now, not as a failed start of every container."""
+    for key in options:
+        if key not in _CREATE_OPTIONS:
+            close = difflib.get_close_matches(str(key), _CREATE_OPTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"container_options: docker's containers.create takes no option {key!r}{hint}")
 
 
 def _check_name(name: str, value: Any) -> None:
@@ -1823,7 +1903,10 @@ class ContainerPoolExecutor(Executor):
 
     image: the image to run; it needs a Python 3 interpreter (>= 3.8).
     blocks: how many containers to start with (0: none until work comes); each
-        runs one task at a time per worker (quick ones pipelined).
+        runs one task at a time per worker (quick ones pipelined). 1 by default.
+    max_workers: another name for blocks, as concurrent.futures code passes it, so
+        that functools.partial(ContainerPoolExecutor, image) can stand in for
+        ProcessPoolExecutor; give one or the other.
     engine: a docker.DockerClient, an engine URL ("unix://...", "tcp://..."), or
         None for docker.from_env(); or a list of them, each optionally as an
         (engine, weight) pair: blocks go to the engine with the fewest for its
@@ -1859,8 +1942,9 @@ class ContainerPoolExecutor(Executor):
     def __init__(
         self,
         image: str,
-        blocks: int = 1,
+        blocks: int | None = None,
         *,
+        max_workers: int | None = None,
         engine: _EngineSpec | list[_EngineSpec | tuple[_EngineSpec, float]] = None,
         python: str = "python3",
         workdir: str | None = None,
@@ -1881,7 +1965,10 @@ class ContainerPoolExecutor(Executor):
     ) -> None:
         _check_name("image", image)
         _check_name("python", python)
-        _check_count("blocks", blocks, 0)
+        if blocks is not None and max_workers is not None:
+            raise TypeError("give blocks= or max_workers= (another name for it), not both")
+        blocks = next((count for count in (blocks, max_workers) if count is not None), 1)
+        _check_count("blocks" if max_workers is None else "max_workers", blocks, 0)
         _check_count("min_blocks", min_blocks, 0)
         _check_count("max_blocks", max_blocks, 1, optional=True)
         max_blocks = max(blocks, 1) if max_blocks is None else max_blocks
@@ -1902,6 +1989,7 @@ class ContainerPoolExecutor(Executor):
         for path in shipped:
             if not os.path.exists(path):
                 raise ValueError(f"ship: {path!r} does not exist")
+        _check_container_options(container_options or {})
         self._label = label or image
         self._image = image
         self._max_message_size = max_message_size
@@ -2126,7 +2214,11 @@ class ContainerPoolExecutor(Executor):
                     results = future.result(None if end is None else end - time.monotonic())
                 finally:
                     future.cancel()
-                yield from results
+                # Hold no result the caller has taken: it may be large (CPython issue 14406).
+                del future
+                results.reverse()
+                while results:
+                    yield results.pop()
         finally:
             for future in submitted:
                 future.cancel()
@@ -2138,15 +2230,21 @@ class ContainerPoolExecutor(Executor):
 
     shutdown.__doc__ = Executor.shutdown.__doc__
 
+    def __exit__(self, exc_type: type[BaseException] | None, exc_val: Any, exc_tb: Any) -> None:
+        """Shut down and wait. Left through an exception (Ctrl-C, say), queued work
+        is cancelled and only running tasks are waited for; a Ctrl-C while waiting
+        kills the containers."""
+        _close([self._pool], cancel_futures=exc_type is not None)
+
     def terminate_workers(self) -> None:
         """Stop every container now with SIGTERM, as ProcessPoolExecutor's (3.14) does
         its processes: queued work is cancelled, running tasks fail with
         BrokenContainerPool, and the pool is shut down."""
-        self._pool.stop_containers(signal.SIGTERM, "terminate_workers")
+        self._pool.stop_containers(signal.SIGTERM, "terminate_workers()")
 
     def kill_workers(self) -> None:
         """As terminate_workers(), with SIGKILL."""
-        self._pool.stop_containers(signal.SIGKILL, "kill_workers")
+        self._pool.stop_containers(signal.SIGKILL, "kill_workers()")
 
 
 # --------------------------------------------------------------------------- command line

@@ -3,6 +3,7 @@
 import contextlib
 import faulthandler
 import importlib.util
+import itertools
 import os
 import re
 import shutil
@@ -51,6 +52,19 @@ def start_script(code, env_path=(ROOT, TESTS), cwd=None):
         [sys.executable, "-c", textwrap.dedent(code)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
     )
+
+
+def read_lines(process, count, timeout=DEADLOCK):
+    """The child's next `count` lines of stdout; if they do not come in time, the
+    child is killed and the test fails (a bare readline would wait for ever)."""
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(itertools.islice(process.stdout, count)), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive() or len(lines) < count:
+        process.kill()
+        raise AssertionError(f"waited {timeout} s for {count} lines of output, got {lines}")
+    return lines
 
 
 @pytest.fixture(scope="session")

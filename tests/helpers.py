@@ -269,3 +269,17 @@ def announce_then(fn, *args):
     """Print "started" (what the host sees first of the task), then return fn(*args)."""
     print("started", flush=True)
     return fn(*args)
+
+
+class Dummy:
+    """An object that can be weakly referenced, to see who holds it."""
+
+
+def make_dummy(_):
+    return Dummy()
+
+
+def hostname_at_gate(path):
+    """The container's hostname (its short id), once the test opens the gate `path`."""
+    wait_for_file(path)
+    return socket.gethostname()

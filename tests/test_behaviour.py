@@ -3,6 +3,7 @@
 import collections
 import concurrent.futures as cf
 import threading
+import weakref
 
 import pytest
 
@@ -77,6 +78,15 @@ def test_map_keeps_order(executor, shared, chunksize):
     if gated:
         assert finished.index(19) < finished.index(0), "the calls finished in order: the test proves nothing"
     assert list(executor.map(helpers.double, [], chunksize=chunksize)) == []
+
+
+def test_map_holds_no_result_it_has_yielded(executor):
+    """CPython's test_free_reference (issue 14406): a large result is freed as soon
+    as the caller lets go of it."""
+    for result in executor.map(helpers.make_dummy, range(10), chunksize=3):
+        taken = weakref.ref(result)
+        del result
+        wait_until(lambda taken=taken: taken() is None, timeout=5, what="the result to be freed")
 
 
 def test_map_raises_the_first_failure_in_order(executor):

@@ -4,6 +4,7 @@ import gc
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 
@@ -16,6 +17,7 @@ from conftest import ROOT
 from conftest import assert_none_left
 from conftest import containers_labelled
 from conftest import left_by_a_dead_caller
+from conftest import read_lines
 from conftest import start_script
 from conftest import wait_until
 from minipool import ContainerPoolExecutor
@@ -31,7 +33,12 @@ def exit_codes(engine, label, since):
 
 
 def finish(process):
-    out, err = process.communicate(timeout=DEADLOCK)
+    try:
+        out, err = process.communicate(timeout=DEADLOCK)
+    except subprocess.TimeoutExpired:
+        process.kill()  # not left running after the test
+        process.communicate()
+        raise
     return process.returncode, out, err
 
 
@@ -227,3 +234,49 @@ def test_without_cloudpickle_importables_work_and_main_code_says_why_not(images,
     first, second = out.splitlines()
     assert first == "32"
     assert "pip install cloudpickle" in second and "from_main" in second
+
+
+# A caller that a Ctrl-C ends, either inside `with` or with the pool left to interpreter exit.
+INTERRUPTED = """
+import time
+import helpers
+from minipool import ContainerPoolExecutor
+
+def tell(future):
+    print("cancelled" if future.cancelled() else f"ended {{future.exception()!r}}", flush=True)
+
+pool = ContainerPoolExecutor("app1_v0.1", label="{label}", ship=["{helpers}"])
+running = pool.submit(helpers.sleep_then, {seconds}, "ran")
+queued = [pool.submit(helpers.double, i) for i in range(3)]
+for future in [running, *queued]:
+    future.add_done_callback(tell)
+while not running.running():
+    time.sleep(0.01)
+print("running", flush=True)
+{rest}
+"""
+ENDS = {"with": "with pool:\n    time.sleep(600)", "exit": "time.sleep(600)"}
+
+
+@pytest.mark.parametrize("ends", ENDS)
+def test_a_ctrl_c_cancels_queued_work_and_waits_for_running_tasks(images, engine, label, ends):
+    process = start_script(INTERRUPTED.format(label=label, helpers=helpers.__file__, seconds=2, rest=ENDS[ends]))
+    assert read_lines(process, 1) == ["running\n"]
+    process.send_signal(signal.SIGINT)
+    code, out, err = finish(process)
+    assert out.splitlines() == ["cancelled"] * 3 + ["ended None"], err
+    assert code == -signal.SIGINT and "KeyboardInterrupt" in err
+    assert not containers_labelled(engine, label)
+
+
+@pytest.mark.parametrize("ends", ENDS)
+def test_a_second_ctrl_c_kills_the_containers(images, engine, label, ends):
+    process = start_script(INTERRUPTED.format(label=label, helpers=helpers.__file__, seconds=600, rest=ENDS[ends]))
+    assert read_lines(process, 1) == ["running\n"]
+    process.send_signal(signal.SIGINT)
+    assert read_lines(process, 3) == ["cancelled\n"] * 3, "queued work was not cancelled"
+    process.send_signal(signal.SIGINT)  # while it waits for the running task
+    _, out, err = finish(process)  # the task would run for ten minutes
+    killed = "ended BrokenContainerPool(\"the pool's containers were stopped with SIGKILL by a Ctrl-C"
+    assert out.startswith(killed), err
+    assert not containers_labelled(engine, label)

@@ -2,6 +2,7 @@
 
 import collections
 import concurrent.futures as cf
+import functools
 import io
 import logging
 import os
@@ -10,7 +11,9 @@ import sys
 import tarfile
 import threading
 import time
+import traceback
 
+import docker.errors
 import pytest
 
 import helpers
@@ -102,12 +105,15 @@ def test_main_code_travels_by_value(images, label):
     assert result.stdout.strip() == "ok"
 
 
-def test_remote_traceback_is_the_cause(make_pool):
-    future = make_pool().submit(helpers.raise_value_error, "deep")
+def test_remote_traceback_is_the_cause_and_names_the_container(make_pool):
+    pool = make_pool()
+    container = pool.submit(helpers.hostname_after, 0).result(DEADLOCK)  # its short id
+    future = pool.submit(helpers.raise_value_error, "deep")
     with pytest.raises(ValueError) as info:
         future.result(DEADLOCK)
     assert "in raise_value_error" in str(info.value.__cause__)
     assert 'raise ValueError(message)' in str(info.value.__cause__)
+    assert f"In container {container} of image 'app1_v0.1':" in str(info.value.__cause__)
 
 
 def test_exception_class_the_host_cannot_load_is_a_remote_error(make_pool, tmp_path):
@@ -251,14 +257,47 @@ def image_without_python(engine):
     engine.images.remove("minipool-test-nopython:1", force=True)
 
 
-def test_unreachable_engine(label):
-    with pytest.raises(StartupError, match="cannot reach"):
-        ContainerPoolExecutor("app1_v0.1", engine="unix:///nonexistent/docker.sock", label=label)
+def printed_lines(error):
+    """How many lines Python prints for the uncaught error, causes included."""
+    return len("".join(traceback.format_exception(error)).splitlines())
 
 
-def test_missing_image(engine, label):
-    with pytest.raises(StartupError, match="is not on the engine"):
-        ContainerPoolExecutor("minipool-no-such-image:0", engine=engine, label=label)
+@pytest.mark.parametrize(
+    "url, reason",
+    [("unix:///nonexistent/docker.sock", "No such file or directory"), ("tcp://127.0.0.1:1", "Connection refused")],
+)
+def test_unreachable_engine_is_named_in_a_short_error_with_the_fix(label, url, reason):
+    with pytest.raises(StartupError) as info:
+        ContainerPoolExecutor("app1_v0.1", engine=url, label=label)
+    assert str(info.value) == (
+        f"cannot reach a Docker engine at {url}: {reason}. "
+        "Start dockerd (or Podman's service), or point DOCKER_HOST or engine= at the engine's socket"
+    )
+    assert isinstance(info.value.__cause__, docker.errors.DockerException)  # docker-py's own, for who looks
+    assert printed_lines(info.value) < 25, "".join(traceback.format_exception(info.value))
+
+
+def test_a_wrong_docker_host_is_named(label, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(StartupError, match=r"at unix:///nonexistent/docker.sock \(DOCKER_HOST\): No such file"):
+        ContainerPoolExecutor("app1_v0.1", label=label)
+
+
+def test_missing_image_is_named_in_a_short_error_with_the_fix(engine, label):
+    with pytest.raises(StartupError) as info:
+        ContainerPoolExecutor("minipool-no-such-image:0", label=label)
+    assert str(info.value).startswith(
+        "image 'minipool-no-such-image:0' is not on the engine at unix:///var/run/docker.sock: build it or pull it"
+    )
+    assert printed_lines(info.value) < 25, "".join(traceback.format_exception(info.value))
+
+
+def test_max_workers_is_another_name_for_blocks(images, engine, label):
+    """So that a partial of the executor stands in for ProcessPoolExecutor(max_workers=...)."""
+    make = functools.partial(ContainerPoolExecutor, "app1_v0.1", label=label, ship=[HELPERS])
+    with make(max_workers=2) as pool:
+        helpers.wait_for_blocks(pool, 2)
+        assert len(containers_labelled(engine, label)) == 2
 
 
 @pytest.mark.parametrize(
@@ -319,6 +358,9 @@ def test_startup_failures_raise_startup_error_and_leave_nothing(make_pool, image
         ({"max_tasks_per_block": 0}, ValueError),
         ({"max_message_size": 10}, ValueError),
         ({"task_timeout": float("inf")}, ValueError),
+        ({"container_options": {"mem_limt": "1g"}}, TypeError),
+        ({"blocks": 2, "max_workers": 2}, TypeError),
+        ({"max_workers": -1}, ValueError),
     ],
     ids=str,
 )
@@ -375,10 +417,13 @@ def test_ship_a_package(make_pool, tmp_path):
         sys.path.remove(str(tmp_path))
 
 
-def test_every_block_serves(make_pool):
-    pool = make_pool(blocks=3)
-    hosts = {f.result(DEADLOCK) for f in [pool.submit(helpers.hostname_after, 1.0) for _ in range(3)]}
-    assert len(hosts) == 3
+def test_every_block_serves(make_pool, tmp_path):
+    # Each task holds its container until the gate opens: the third can only go to the third block.
+    pool = make_pool(blocks=3, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
+    futures = [pool.submit(helpers.hostname_at_gate, "/shared/gate") for _ in range(3)]
+    wait_until(lambda: all(f.running() for f in futures), what="three tasks running at once")
+    (tmp_path / "gate").touch()
+    assert len({f.result(DEADLOCK) for f in futures}) == 3
 
 
 def test_long_tasks_are_not_pipelined_after_quick_ones(make_pool):
@@ -430,3 +475,8 @@ def test_a_result_whose_unpickling_raises_a_base_exception_fails_only_its_future
         pool.submit(helpers.exits_when_unpickled).result(DEADLOCK)
     assert isinstance(info.value.__cause__, SystemExit)
     assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
+def test_a_misspelt_container_option_is_named_by_the_constructor():
+    with pytest.raises(TypeError, match="no option 'mem_limt'; did you mean 'mem_limit'"):
+        ContainerPoolExecutor("app1_v0.1", container_options={"mem_limt": "1g"})
