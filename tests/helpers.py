@@ -195,3 +195,28 @@ def close_output():
     os.close(1)
     os.close(2)
     return "closed"
+
+
+# The stress test's tasks (test_stress.py): each says where it ran, or ends its own way.
+
+
+def answer(value):
+    """Return `value` and the container's hostname (its short id) at once."""
+    return value, socket.gethostname()
+
+
+def answer_after(seconds, value):
+    """Return `value` and the container's hostname (its short id) after a while."""
+    time.sleep(seconds)
+    return value, socket.gethostname()
+
+
+def raise_after(seconds, message):
+    time.sleep(seconds)
+    raise ValueError(message)
+
+
+def exit_after(seconds, code):
+    """Exit the worker process without a word (with one worker per block, the container)."""
+    time.sleep(seconds)
+    os._exit(code)
