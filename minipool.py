@@ -346,7 +346,8 @@ def _remote_exception(payload: bytearray | mmap.mmap) -> BaseException:
     type_name, message, text, pickled = pickle.loads(payload)
     error: BaseException | None = None
     if pickled is not None:
-        with contextlib.suppress(Exception):
+        # Whatever unpickling raises (a __reduce__ may call sys.exit) leaves a RemoteError.
+        with contextlib.suppress(BaseException):
             error = pickle.loads(pickled)
     if not isinstance(error, BaseException):
         error = RemoteError(type_name, message, text)
@@ -366,16 +367,20 @@ def output(future: Future) -> str:
 
 
 def _settle(future: Future, kind: int, payload: bytearray | mmap.mmap) -> None:
-    """Complete the future from a RESULT or RAISED message; never raises."""
+    """Complete the future from a RESULT or RAISED message.
+
+    Unpickling runs the result's own code, which may raise anything, SystemExit
+    included: that fails the future, never the reader thread.
+    """
     try:
-        if kind == _stub.RAISED:
-            future.set_exception(_remote_exception(payload))
-        else:
-            future.set_result(pickle.loads(payload))
-    except Exception as exc:
-        error = MiniPoolError(f"the task's result cannot be unpickled on the host: {exc!r}")
-        error.__cause__ = exc
-        future.set_exception(error)
+        outcome = _remote_exception(payload) if kind == _stub.RAISED else pickle.loads(payload)
+    except BaseException as exc:
+        kind, outcome = _stub.RAISED, MiniPoolError(f"the task's result cannot be unpickled on the host: {exc!r}")
+        outcome.__cause__ = exc
+    if kind == _stub.RAISED:
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 # --------------------------------------------------------------------------- engine and containers
@@ -1634,9 +1639,19 @@ def _notify_cancel(future: Future) -> None:
 
 
 def _cancel_with(task: Future, future: Future) -> None:
-    """The app call's future was cancelled: so is its task, unless it runs."""
+    """The app call's future was cancelled: so is its task, unless it runs (a cached
+    call's task is a follower of its own: the task it shares goes on)."""
     if future.cancelled():
         task.cancel()
+
+
+def _follower(task: Future) -> Future:
+    """A future of the caller's own that ends as `task` does; cancelling it leaves
+    `task` alone, as identical cached calls share it."""
+    future: Future = Future()
+    future.add_done_callback(_notify_cancel)
+    task.add_done_callback(lambda done: _copy_outcome(done, future))
+    return future
 
 
 def _copy_outcome(source: Future, target: Future) -> None:
@@ -1702,7 +1717,8 @@ class _ResultsFile:
         if row is None:
             return False, None
         digest, result = row
-        if hashlib.sha256(result).digest() != digest:
+        # sqlite keeps whatever type was written: a damaged row may hold a number or text.
+        if not isinstance(result, bytes) or hashlib.sha256(result).digest() != digest:
             raise CacheError(f"a damaged entry in the results cache {self.path}: remove the file to start afresh")
         try:
             return True, pickle.loads(result)
@@ -1961,15 +1977,16 @@ class ContainerPoolExecutor(Executor):
             # A buffer the caller still holds could change before it is sent: the key
             # must be of the bytes that go.
             parts = [part if isinstance(part, bytes) else bytes(part) for part in parts]
-            known = results.claim(results.key(parts), future)
-            if known is not None:
-                return known
+            shared = results.claim(results.key(parts), future)
+            if shared is not None:
+                return _follower(shared)
         try:
             self._pool.submit(_WorkItem(future, kind, call[0], parts, size), promised)
         except BaseException as exc:
             future.set_exception(exc)  # an identical call may share it; the cache then forgets it
             raise
-        return future
+        # Each cached call has a future of its own: cancelling one cancels no other.
+        return future if results is None else _follower(future)
 
     def app(
         self, fn: Callable[..., Any] | None = None, /, *, cache: bool | str | os.PathLike = False
@@ -2028,8 +2045,7 @@ class ContainerPoolExecutor(Executor):
             return
         finally:
             self._pool.kept(future)
-        if results is None:  # a cached task may be another call's too: it stays
-            future.add_done_callback(functools.partial(_cancel_with, task))
+        future.add_done_callback(functools.partial(_cancel_with, task))
         task.add_done_callback(lambda done: _copy_outcome(done, future))
 
     def map(

@@ -212,6 +212,13 @@ def diagnose(message):
     os.write(DIAGNOSTICS, ("minipool worker: %s\n" % message).encode())
 
 
+def reopened(stream, fd):
+    """`stream` if it is open, else a new line-buffered text stream like it on `fd`."""
+    if not stream.closed:
+        return stream
+    return open(fd, "w", buffering=1, encoding=stream.encoding, errors=stream.errors, closefd=False)
+
+
 class Output:
     """What tasks write to fds 1 and 2: a pipe takes their place, and a thread sends
     what comes through it to the host (OUTPUT), tagged with the running task, at
@@ -228,6 +235,8 @@ class Output:
         # writers, where a read would find end-of-file at once, for ever.
         os.set_blocking(read_end, False)
         self.read_end = read_end
+        self.write_end = write_end
+        self.stdout, self.stderr = sys.stdout, sys.stderr
         self.readable = select.poll()  # the task's thread's own
         self.readable.register(read_end, select.POLLIN)
         self.lock = threading.Lock()  # held while output is sent: task boundaries stay exact
@@ -257,6 +266,15 @@ class Output:
             if kept:
                 self.send(OUTPUT, self.task_id, [kept])
 
+    def restore(self):
+        """Undo what a task did to its stdio, so that neither the stub nor the next
+        task is hurt: fds 1 and 2 back on the pipe, sys.stdout and sys.stderr back
+        to the stub's own (reopened if the task closed them)."""
+        os.dup2(self.write_end, 1)
+        os.dup2(self.write_end, 2)
+        self.stdout = sys.stdout = reopened(self.stdout, 1)
+        self.stderr = sys.stderr = reopened(self.stderr, 2)
+
     def start(self, task_id):
         """Tag what is written from now on with the task."""
         with self.lock:
@@ -265,9 +283,13 @@ class Output:
             self.task_id, self.left, self.dropped = task_id, OUTPUT_LIMIT, 0
 
     def end(self):
-        """The task is over: send what it wrote (before its result)."""
-        sys.stdout.flush()
-        sys.stderr.flush()
+        """The task is over: send what it wrote (before its result), and give the
+        next task its stdio back."""
+        for stream in (sys.stdout, sys.stderr):
+            # The task may have closed or replaced them: what it wrote is what reached the pipe.
+            with contextlib.suppress(Exception):
+                stream.flush()
+        self.restore()
         with self.lock:
             if self.readable.poll(0):
                 self.drain()
@@ -287,30 +309,78 @@ def serializer(use_cloudpickle):
     return functools.partial(pickle_parts, cloudpickle.Pickler)
 
 
-def describe_exception(exc, dumps):
-    """RAISED payload: readable fields always, the exception itself when it pickles."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        pickled = b"".join(dumps(exc))
-    except BaseException:
-        pickled = None
+def describe_exception(exc, dumps, max_size):
+    """RAISED payload: readable fields always, the exception itself when it pickles.
+
+    One larger than max_size would break the channel for every task in flight:
+    its message and traceback are cut short, and the exception rebuilt from the
+    short message where its class allows, so that it keeps its type.
+    """
     name = "%s.%s" % (type(exc).__module__, type(exc).__qualname__)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         message = str(exc)
     except BaseException:
         message = "<str() of the exception failed>"
-    return [pickle.dumps((name, message, text, pickled), protocol=PICKLE_PROTOCOL)]
+    payload = raised(name, message, text, pickled(exc, dumps))
+    if len(payload) > max_size:
+        # Characters kept of each part: UTF-8 takes at most 4 bytes a character.
+        keep = max_size // 32
+        message = "%s ... [truncated: the exception pickles to %d bytes, over max_message_size=%d]" % (
+            message[:keep], len(payload), max_size,
+        )
+        text = "%s\n... [truncated] ...\n%s" % (text[:keep], text[-keep:])
+        try:
+            short = pickled(type(exc)(message), dumps)
+        except BaseException:
+            short = None
+        payload = raised(name, message, text, short)
+        if len(payload) > max_size:
+            payload = raised(name, message, text, None)
+    return [payload]
+
+
+def pickled(exc, dumps):
+    """The exception pickled, or None if it will not pickle."""
+    try:
+        return b"".join(dumps(exc))
+    except BaseException:
+        return None
+
+
+def raised(name, message, text, exception):
+    return pickle.dumps((name, message, text, exception), protocol=PICKLE_PROTOCOL)
+
+
+def leave_if_forked(pid, exc=None):
+    """End a process that the task forked and that returned or raised into the
+    stub: only the task's own process (`pid`) may answer for it. It exits as the
+    interpreter would have."""
+    if os.getpid() == pid:
+        return
+    code = 0
+    if isinstance(exc, SystemExit) and (exc.code is None or isinstance(exc.code, int)):
+        code = exc.code or 0
+    elif exc is not None:
+        code = 1
+        with contextlib.suppress(Exception):
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def run_task(kind, payload, dumps, hint, max_size):
     """Run one CALL or CHUNK; return (RESULT or RAISED, payload parts)."""
+    pid = os.getpid()
     try:
         call = pickle.loads(payload)
         release(payload)
     except BaseException as exc:
         if hint:
             exc = RuntimeError("cannot unpickle the task: %s: %s. %s" % (type(exc).__name__, exc, hint))
-        return RAISED, describe_exception(exc, dumps)
+        return RAISED, describe_exception(exc, dumps, max_size)
     try:
         if kind == CHUNK:
             fn, chunk = call
@@ -319,17 +389,19 @@ def run_task(kind, payload, dumps, hint, max_size):
             fn, args, kwargs = call
             result = fn(*args, **kwargs)
     except BaseException as exc:
-        return RAISED, describe_exception(exc, dumps)
+        leave_if_forked(pid, exc)
+        return RAISED, describe_exception(exc, dumps, max_size)
+    leave_if_forked(pid)
     del call
     try:
         parts = dumps(result)
     except BaseException as exc:
         error = TypeError("cannot pickle the result of type %s: %s" % (type(result).__qualname__, exc))
-        return RAISED, describe_exception(error, dumps)
+        return RAISED, describe_exception(error, dumps, max_size)
     size = sum(memoryview(part).nbytes for part in parts)
     if size > max_size:
         too_big = ValueError("the result pickles to %d bytes, over max_message_size=%d" % (size, max_size))
-        return RAISED, describe_exception(too_big, dumps)
+        return RAISED, describe_exception(too_big, dumps, max_size)
     return RESULT, parts
 
 

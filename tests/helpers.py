@@ -197,6 +197,36 @@ def close_output():
     return "closed"
 
 
+def close_stdout():
+    """Close sys.stdout, as a careless task might, and return normally."""
+    sys.stdout.close()
+    return "closed"
+
+
+def raise_huge(size):
+    raise ValueError("x" * size)
+
+
+def fork_a_child_that_exits():
+    """Fork a child that leaves through sys.exit(0) (it unwinds into the stub's code), wait for it."""
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.getpid(), os.waitstatus_to_exitcode(status)
+
+
+class ExitsWhenUnpickled:
+    """Pickles fine; unpickling it calls sys.exit, which raises SystemExit (a BaseException)."""
+
+    def __reduce__(self):
+        return sys.exit, ("unpickled",)
+
+
+def exits_when_unpickled():
+    return ExitsWhenUnpickled()
+
+
 # The stress test's tasks (test_stress.py): each says where it ran, or ends its own way.
 
 

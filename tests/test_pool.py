@@ -25,6 +25,7 @@ from minipool import MiniPoolError
 from minipool import RemoteError
 from minipool import StartupError
 from minipool import WorkerLost
+from minipool import output
 
 
 def run_script(code):
@@ -370,3 +371,45 @@ def test_long_tasks_are_not_pipelined_after_quick_ones(make_pool):
     list(pool.map(helpers.identity, range(2000)))  # quick: both containers pipeline them
     hosts = [f.result(DEADLOCK) for f in [pool.submit(helpers.hostname_after, 0.5) for _ in range(6)]]
     assert sorted(collections.Counter(hosts).values()) == [3, 3]
+
+
+# --------------------------------------------------------------------------- what a task may do to its stub
+
+
+@pytest.mark.parametrize("careless", [helpers.close_stdout, helpers.close_output])
+def test_a_task_that_closes_its_output_returns_and_the_next_task_is_heard(make_pool, careless):
+    pool = make_pool(retries=1)
+    host = pool.submit(helpers.hostname_after, 0).result(DEADLOCK)
+    assert pool.submit(careless).result(DEADLOCK) == "closed"
+    heard = pool.submit(helpers.noisy, "heard")
+    assert heard.result(DEADLOCK) == "heard"
+    assert output(heard) == "noise from print\nnoise from fd 1\nnoise on stderr\n"
+    assert pool.submit(helpers.hostname_after, 0).result(DEADLOCK) == host, "the container was replaced"
+
+
+def test_a_forked_child_that_exits_never_answers_for_its_parent(make_pool):
+    pool = make_pool()
+    stub_pid = pool.submit(os.getpid).result(DEADLOCK)
+    assert pool.submit(helpers.fork_a_child_that_exits).result(DEADLOCK) == (stub_pid, 0)
+    assert [pool.submit(os.getpid).result(DEADLOCK) for _ in range(5)] == [stub_pid] * 5
+
+
+def test_an_exception_over_max_message_size_fails_only_its_task(make_pool):
+    pool = make_pool(max_message_size=1 << 20)
+    assert list(pool.map(helpers.double, range(300))) == [2 * i for i in range(300)]  # pace: quick, pipelined
+    before = [pool.submit(helpers.double, i) for i in range(20)]
+    huge = pool.submit(helpers.raise_huge, 2 << 20)
+    after = [pool.submit(helpers.double, i) for i in range(20, 40)]
+    with pytest.raises(ValueError, match=r"^x+ .*truncated") as info:
+        huge.result(DEADLOCK)
+    assert len(str(info.value)) < 1 << 20
+    assert "raise_huge" in str(info.value.__cause__)
+    assert [f.result(DEADLOCK) for f in before + after] == [2 * i for i in range(40)]
+
+
+def test_a_result_whose_unpickling_raises_a_base_exception_fails_only_its_future(make_pool):
+    pool = make_pool()
+    with pytest.raises(MiniPoolError, match="cannot be unpickled on the host") as info:
+        pool.submit(helpers.exits_when_unpickled).result(DEADLOCK)
+    assert isinstance(info.value.__cause__, SystemExit)
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4

@@ -227,6 +227,43 @@ def test_a_task_that_closes_its_output_leaves_the_stub_working(worker):
     assert _output_then_reply(worker)[1] == (stub.RESULT, 9, 8)
 
 
+def test_a_task_that_closes_sys_stdout_leaves_the_stub_working(worker):
+    worker.call(8, helpers.close_stdout)
+    assert _output_then_reply(worker)[1] == (stub.RESULT, 8, "closed")
+    worker.call(9, helpers.noisy, "heard")
+    messages, reply = _output_then_reply(worker)
+    assert reply == (stub.RESULT, 9, "heard")
+    assert b"".join(payload for *_, payload in messages) == b"noise from print\nnoise from fd 1\nnoise on stderr\n"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_forked_child_of_a_task_never_speaks_the_protocol(workers):
+    worker = Stub({**HELLO, "python": list(sys.version_info[:2]), "workers": workers})
+    worker.call(1, helpers.fork_a_child_that_exits)
+    kind, task_id, (_, child_exit) = _reply(worker)
+    assert (kind, task_id, child_exit) == (stub.RESULT, 1, 0)
+    worker.send(stub.STOP, 0, b"")
+    assert worker.process.wait(timeout=10) == 0
+    assert worker.process.stdout.read() == b"", "more than the one answer"
+    worker.close()
+
+
+def test_an_exception_over_max_message_size_keeps_its_type_and_the_channel():
+    worker = Stub({**HELLO, "python": list(sys.version_info[:2]), "max_message_size": 1 << 16})
+    try:
+        worker.call(1, helpers.raise_huge, 1 << 20)
+        kind, task_id, payload = worker.receive()
+        assert (kind, task_id) == (stub.RAISED, 1) and len(payload) <= 1 << 16
+        name, message, text, pickled = pickle.loads(payload)
+        assert name == "builtins.ValueError" and "truncated" in message and "raise_huge" in text
+        assert isinstance(pickle.loads(pickled), ValueError)
+        worker.call(2, helpers.double, 2)
+        assert _reply(worker) == (stub.RESULT, 2, 4)
+    finally:
+        worker.process.kill()
+        worker.close()
+
+
 def test_output_past_the_limit_is_counted_not_sent(worker):
     worker.call(7, helpers.flood, 2)  # 4 MiB
     messages, reply = _output_then_reply(worker)

@@ -138,8 +138,9 @@ def test_cache_runs_an_identical_call_once(make_pool, shared):
     pool = make_pool(**options)
     noted = pool.app(cache=True)(helpers.noted)
     first = noted("/shared/runs", [1, 2])
-    assert noted("/shared/runs", [1, 2]) is first  # in flight or done: the same future
-    assert first.result(DEADLOCK) == [1, 2]
+    second = noted("/shared/runs", [1, 2])  # while the first is in flight
+    assert second is not first  # each call has a future of its own
+    assert first.result(DEADLOCK) == [1, 2] and second.result(DEADLOCK) == [1, 2]
     assert noted("/shared/runs", [1, 2]).result(DEADLOCK) == [1, 2]
     assert noted("/shared/runs", [1, 3]).result(DEADLOCK) == [1, 3]
     assert runs(directory) == 2
@@ -156,6 +157,19 @@ def test_cancelling_a_call_leaves_the_identical_call_it_shares_a_task_with(make_
     gate.set_result(1)  # the same call: it shares the first one's task
     assert second.cancel()
     assert first.result(DEADLOCK) == 1 and busy.result(DEADLOCK) == "busy"
+    assert runs(directory) == 1
+
+
+@pytest.mark.parametrize("cancelled", ["first", "second"])
+def test_cancelling_a_cached_call_leaves_the_identical_call(make_pool, shared, cancelled):
+    directory, options = shared
+    pool = make_pool(**options)
+    busy = pool.submit(helpers.sleep_then, 1, "busy")
+    noted = pool.app(cache=True)(helpers.noted)
+    calls = {"first": noted("/shared/runs", 1), "second": noted("/shared/runs", 1)}  # queued behind `busy`
+    assert calls.pop(cancelled).cancel()
+    (other,) = calls.values()
+    assert other.result(DEADLOCK) == 1 and busy.result(DEADLOCK) == "busy"
     assert runs(directory) == 1
 
 
@@ -191,13 +205,18 @@ def test_a_foreign_or_corrupt_cache_file_is_an_error(make_pool, tmp_path):
         pool.app(cache=foreign)(helpers.double)
 
 
-def test_a_damaged_entry_is_an_error_never_a_wrong_result(make_pool, tmp_path):
+@pytest.mark.parametrize(
+    "damage",
+    [lambda result: result.replace(b"*", b"+"), lambda result: 42, lambda result: "text"],  # 42 pickles to b"*"
+    ids=["a changed byte", "an integer", "text"],
+)
+def test_a_damaged_entry_is_an_error_never_a_wrong_result(make_pool, tmp_path, damage):
     pool = make_pool()
     double = pool.app(cache=tmp_path)(helpers.double)
     assert double(21).result(DEADLOCK) == 42
     with sqlite3.connect(tmp_path / "minipool-results.sqlite3") as db:
         (result,) = db.execute("SELECT result FROM results").fetchone()
-        db.execute("UPDATE results SET result = ?", (result.replace(b"*", b"+"),))  # 42 is b"*"
+        db.execute("UPDATE results SET result = ?", (damage(result),))
     with pytest.raises(CacheError, match="damaged"):
         make_pool().app(cache=tmp_path)(helpers.double)(21)
 
