@@ -336,16 +336,22 @@ def end(scenario, pool, submitted):
 # --------------------------------------------------------------------------- the oracle
 
 
-def excused(lost, excused_containers):
-    """Whether every attempt of a WorkerLost died in a container that was killed from
-    outside or for another task's task_timeout: those take their running tasks with them."""
-    return all(loss.container_id[:12] in excused_containers for loss in [*lost.attempts, lost])
+def losses(lost):
+    """Every attempt of a WorkerLost, the last one included."""
+    return [*lost.attempts, lost]
 
 
-def exited(lost, workers_per_block):
-    """Whether a loss is the task's own exit: its container's, or with several workers its process's."""
+def excused(loss, excused_containers):
+    """Whether the attempt died in a container that was killed from outside or for another
+    task's task_timeout: those take the tasks they were running with them."""
+    return loss.container_id[:12] in excused_containers
+
+
+def exited(loss, workers_per_block):
+    """Whether the attempt ended by the task's own exit: its container's, or with several
+    workers its process's."""
     whose = "container" if workers_per_block == 1 else "a worker process in container"
-    return lost.args[0].startswith(whose) and lost.exit_code in (EXIT_CODE, None)  # None: the engine was late
+    return loss.args[0].startswith(whose) and loss.exit_code in (EXIT_CODE, None)  # None: the engine was late
 
 
 def problem_with(one, scenario, excused_containers):
@@ -365,14 +371,13 @@ def problem_with(one, scenario, excused_containers):
     if isinstance(error, WorkerLost):
         if len(error.attempts) != settings["retries"]:
             return f"{task}: WorkerLost after {len(error.attempts) + 1} attempts, with retries={settings['retries']}"
-        if excused(error, excused_containers):
+        if all(excused(loss, excused_containers) for loss in losses(error)):
             return None
         if task.kind == EXITS and all(
-            exited(loss, settings["workers_per_block"]) or excused(loss, excused_containers)
-            for loss in [*error.attempts, error]
+            exited(loss, settings["workers_per_block"]) or excused(loss, excused_containers) for loss in losses(error)
         ):
             return None
-        return f"{task}: WorkerLost, though no attempt was its own exit or in a container killed: {error}"
+        return f"{task}: WorkerLost, though an attempt died neither by its own exit nor in a container killed: {error}"
     if task.kind in (RETURNS, RETURNS_LATER):
         expected = error is None and future.result()[0] == task.number
     elif task.kind == RAISES:
