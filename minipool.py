@@ -140,6 +140,10 @@ _FIRST_BLOCK_HEAD_START = 1.0
 # A replacement container that fails to start is tried this many times, a second
 # apart, before the pool is declared broken: the engine may have hiccuped.
 _REPLACEMENT_TRIES = 3
+# After a block could not start a container while others serve (the engine refuses
+# one more, or is full), no block is added for this long: the pool goes on with
+# the blocks it has instead of failing to start one on every submit.
+_SCALE_UP_PAUSE = 30.0
 # A stub whose host has been silent this long exits: on an engine that ignores
 # StdinOnce (Podman) that is how a killed caller's containers end. The host sends
 # a KEEPALIVE to each container six times as often.
@@ -891,6 +895,7 @@ class _Pool:
         # woken by every task's notify_all.
         self._finished_event = threading.Event()
         self._ever_ready = False  # a container of the pool has been ready once
+        self._scale_up_after = 0.0  # no block is added before then (_SCALE_UP_PAUSE)
         self._containers: set[_Container] = set()  # ready, and taking tasks
         self._threads: list[threading.Thread] = []
         # Reader threads run the futures' callbacks: see join().
@@ -1073,16 +1078,29 @@ class _Pool:
         self._changed.notify_all()
 
     def _scale_up(self) -> None:
-        """Add a block while work waits that no idle or starting block will take (under the lock)."""
+        """Add a block while work waits that no idle or starting block will take (under
+        the lock); after a refused start (_SCALE_UP_PAUSE), only to a pool with none."""
         starting = self._blocks - len(self._containers)
         idle = any(self._has_free_worker(container) for container in self._containers)
-        if self._blocks < self._settings.max_blocks and len(self._pending) > starting and not idle:
+        wanted = self._blocks < self._settings.max_blocks and len(self._pending) > starting and not idle
+        paused = self._blocks and time.monotonic() < self._scale_up_after
+        if wanted and not paused:
             self._add_block()
 
     def _retire_at(self, container: _Container) -> float | None:
-        """When the idle container's block is to be removed (idle_timeout); None if never (under the lock)."""
+        """When the idle container's block is to be removed (idle_timeout); None if never (under the lock).
+
+        Never while work waits: a task put back after a crash may wait for this very
+        block. A lost container's block replaces it instead of retiring.
+        """
         idle_timeout = self._settings.idle_timeout
-        if idle_timeout is None or container.in_flight or self._blocks <= self._settings.min_blocks:
+        if (
+            idle_timeout is None
+            or container.in_flight
+            or container.lost
+            or self._pending
+            or self._blocks <= self._settings.min_blocks
+        ):
             return None
         return container.last_done + idle_timeout
 
@@ -1116,7 +1134,7 @@ class _Pool:
                 started = time.monotonic()
                 container = self._start_block()
         except StartupError as exc:
-            self._break(exc)
+            self._start_refused(number, exc)
         except Exception as exc:
             _logger.exception("pool %s: block %d failed", self._label, number)
             error = BrokenContainerPool(f"a block of pool {self._label} failed: {exc!r}")
@@ -1127,7 +1145,24 @@ class _Pool:
                 self._alive -= 1
                 if container is None or not container.retired:
                     self._blocks -= 1
+                if not self._closing():
+                    self._scale_up()  # work that waits always has a block to go to
             self._finish_if_done()
+
+    def _start_refused(self, number: int, exc: StartupError) -> None:
+        """The block could not start a container: only a pool that no other block
+        serves is broken; else it goes on with those, and adds none for a while."""
+        with self._changed:
+            serving = len(self._containers)
+            if serving:
+                self._scale_up_after = time.monotonic() + _SCALE_UP_PAUSE
+        if not serving:
+            self._break(exc)
+            return
+        _logger.warning(
+            "pool %s: block %d could not start a container; the pool goes on with %d block(s) and adds none "
+            "for %.0f s: %s", self._label, number, serving, _SCALE_UP_PAUSE, exc,
+        )
 
     def _start_block(self) -> _Container | None:
         """A container for the block on the engine with the most room for it; None if

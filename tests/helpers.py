@@ -227,6 +227,14 @@ def exits_when_unpickled():
     return ExitsWhenUnpickled()
 
 
+def exit_after(seconds, code=None):
+    """Sleep, then end the process with `code`; with None, return normally."""
+    time.sleep(seconds)
+    if code is not None:
+        os._exit(code)
+    return seconds
+
+
 # The stress test's tasks (test_stress.py): each says where it ran, or ends its own way.
 
 
@@ -244,9 +252,3 @@ def answer_after(seconds, value):
 def raise_after(seconds, message):
     time.sleep(seconds)
     raise ValueError(message)
-
-
-def exit_after(seconds, code):
-    """Exit the worker process without a word (with one worker per block, the container)."""
-    time.sleep(seconds)
-    os._exit(code)

@@ -13,6 +13,7 @@ from conftest import containers_labelled
 from conftest import wait_until
 from minipool import ContainerPoolExecutor
 from minipool import StartupError
+from minipool import WorkerLost
 
 
 @pytest.fixture
@@ -123,3 +124,33 @@ def test_a_pool_scales_from_zero_and_back(make_pool, engine, label):
         futures = [pool.submit(helpers.sleep_then, 0.5, i) for i in range(4)]
         assert [f.result(DEADLOCK) for f in futures] == list(range(4)), f"round {round}"
         wait_until(lambda: not containers_labelled(engine, label), what="every idle block to go")
+
+
+def test_a_block_never_retires_while_its_lost_task_waits_for_its_retry(make_pool):
+    # The task outlives idle_timeout, so the block's last finished task is old when its container dies.
+    pool = make_pool(blocks=1, min_blocks=0, max_blocks=1, idle_timeout=0.5, retries=1)
+    with pytest.raises(WorkerLost, match="lost 2 times"):
+        pool.submit(helpers.exit_after, 1.5, 3).result(DEADLOCK)
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
+def test_a_block_never_retires_while_tasks_put_back_behind_a_crash_wait(make_pool):
+    pool = make_pool(blocks=1, min_blocks=0, max_blocks=1, idle_timeout=0.5)
+    # Both functions quick: the doubles are pipelined behind the crash, and put back when it dies.
+    assert list(pool.map(helpers.exit_after, [0] * 300)) == [0] * 300
+    assert list(pool.map(helpers.double, range(300))) == [2 * i for i in range(300)]
+    crash = pool.submit(helpers.exit_after, 1.5, 3)
+    behind = [pool.submit(helpers.double, i) for i in range(10)]
+    with pytest.raises(WorkerLost, match="exit code 3"):
+        crash.result(DEADLOCK)
+    assert [f.result(DEADLOCK) for f in behind] == [2 * i for i in range(10)]
+
+
+def test_a_refused_scale_up_leaves_the_working_blocks_serving(make_pool, label, caplog):
+    # A fixed container name: the engine refuses every container but the first.
+    pool = make_pool(blocks=1, max_blocks=2, container_options={"name": f"{label}-the-only-one"})
+    helpers.wait_for_blocks(pool, 1)
+    futures = [pool.submit(helpers.sleep_then, 0.5, i) for i in range(12)]  # work waits: a block is added
+    assert [f.result(DEADLOCK) for f in futures] == list(range(12))
+    assert any("could not start" in record.getMessage() for record in caplog.records)
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
