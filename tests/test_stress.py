@@ -46,6 +46,7 @@ LONG_RUN_SEEDS = 30
 # Seeds that caught a bug, replayed on every run. Both hung on the code before issue 14
 # was fixed, every time: a block retired by idle_timeout while work waited in the queue
 # (fresh tasks, and a lost task to be retried), so the futures and shutdown waited forever.
+# A seed means what draw_scenario draws from it: a change there makes these other scenarios.
 CAUGHT = [878579, 21790]
 # How long the futures of a scenario may take to end after its last submit, and
 # shutdown to return: sized for deadlocks only (a scenario's work takes seconds),
@@ -100,7 +101,7 @@ class Task:
             return helpers.raise_after, self.seconds, f"task {self.number}"
         if self.kind == EXITS:
             return helpers.exit_after, self.seconds, EXIT_CODE
-        return helpers.sleep_then, 3600  # TIMES_OUT: task_timeout ends it
+        return helpers.sleep_then, self.seconds  # TIMES_OUT
 
     def __str__(self):
         cancel = f", cancelled {self.cancel}" if self.cancel else ""
@@ -165,6 +166,8 @@ def draw_scenario(seed):
             kind = rng.choices(kinds, weights)[0]
             # Sleeps well under task_timeout (1.5 s at least), often past idle_timeout.
             seconds = 0.0 if kind == RETURNS else round(rng.uniform(0.0, 0.8), 2)
+            if kind == TIMES_OUT:
+                seconds = 3600.0  # task_timeout ends it
             cancel = rng.choices([None, AT_ONCE, AFTER_BURST], [80, 10, 10])[0]
             tasks.append(Task(next(numbers), kind, seconds, cancel))
         bursts.append(Burst(tasks, gap=rng.choice([0.0, rng.uniform(0.0, 0.05)]), pause=rng.uniform(0.0, 2.0)))
