@@ -35,6 +35,15 @@ def wait_until(predicate, timeout=DEADLOCK, what="condition"):
         time.sleep(0.05)
 
 
+def holds(predicate, seconds, what="condition"):
+    """Assert that `predicate` stays true for `seconds`, looking every 50 ms: for a
+    state that must not change (no event to wait for), never one look after a sleep."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate(), f"{what} stopped holding"
+        time.sleep(0.05)
+
+
 def start_script(code, env_path=(ROOT, TESTS), cwd=None):
     """Start `code` as a user's script: its functions live in __main__, its stdout is a pipe."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(env_path)}
@@ -102,12 +111,17 @@ def label(request, engine):
     wait_until(lambda: not minipool_threads(name), timeout=15, what="minipool threads to end")
 
 
-def assert_none_left(engine, label):
-    """Fail if the label's containers do not go from `engine`; remove those left."""
-    wait_until(lambda: not containers_labelled(engine, label), timeout=15, what="containers to go")
+def assert_none_left(engine, label, timeout=15):
+    """Fail if the label's containers do not go from `engine`; remove those left
+    first, so that they do not outlive the test that leaked them."""
+    import docker.errors
+
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not containers_labelled(engine, label), timeout=timeout, what="containers to go")
     left = containers_labelled(engine, label)
     for container_id in left:
-        engine.api.remove_container(container_id, force=True)
+        with contextlib.suppress(docker.errors.NotFound):  # auto_remove may get there first
+            engine.api.remove_container(container_id, force=True)
     assert not left, f"containers left behind: {left}"
 
 

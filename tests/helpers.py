@@ -235,6 +235,42 @@ def exit_after(seconds, code=None):
     return seconds
 
 
+def wait_for_file(path, value=None, timeout=60):
+    """Return `value` once `path` exists: a gate the test opens by creating the file.
+    Polls: the task may be in a container, where nothing else reaches it."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+    return value
+
+
+def noted_after(path, value, after=None, timeout=60):
+    """Once `after` is noted in `path` (if given), note `value` there, a line each; return `value`.
+    The lines of `path` are then the order in which such tasks finished."""
+    deadline = time.monotonic() + timeout
+    while after is not None and not (os.path.exists(path) and f"{after}" in read_text(path).split()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{after} was not noted in {path} within {timeout} s")
+        time.sleep(0.01)
+    with open(path, "a") as file:
+        file.write(f"{value}\n")
+    return value
+
+
+def write_unterminated(text):
+    """Write `text` to stdout, whose last line has no newline."""
+    sys.stdout.write(text)
+    return len(text)
+
+
+def announce_then(fn, *args):
+    """Print "started" (what the host sees first of the task), then return fn(*args)."""
+    print("started", flush=True)
+    return fn(*args)
+
+
 # The stress test's tasks (test_stress.py): each says where it ran, or ends its own way.
 
 

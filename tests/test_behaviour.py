@@ -1,5 +1,6 @@
 """One behaviour suite, run against ThreadPoolExecutor as the reference and against ours."""
 
+import collections
 import concurrent.futures as cf
 import threading
 
@@ -10,18 +11,23 @@ from conftest import DEADLOCK
 from conftest import assert_none_left
 from conftest import wait_until
 
+# A host directory and its path as the executor's tasks see it: what they leave there
+# (a file noting that a task ran, the order tasks finished in) and gates the test opens.
+Shared = collections.namedtuple("Shared", "host task")
+
 
 @pytest.fixture(params=["threads", "containers", "podman"])
-def executor(request):
+def executor(request, tmp_path):
+    volumes = {str(tmp_path): {"bind": "/shared", "mode": "rw"}}
     if request.param == "threads":
         with cf.ThreadPoolExecutor(2) as pool:
             yield pool
     elif request.param == "containers":
-        yield request.getfixturevalue("make_pool")(blocks=2)
+        yield request.getfixturevalue("make_pool")(blocks=2, volumes=volumes)
     else:
         podman = request.getfixturevalue("podman")
         make_pool = request.getfixturevalue("make_pool")
-        pool = make_pool(blocks=2, engine=podman.url, container_options=podman.container_options)
+        pool = make_pool(blocks=2, engine=podman.url, container_options=podman.container_options, volumes=volumes)
         yield pool
         # The label fixture looks only at the Docker engine, and after this: shut the pool
         # down here (make_pool's shutdown is then a no-op) and look at Podman's side.
@@ -31,6 +37,15 @@ def executor(request):
             assert_none_left(client, request.getfixturevalue("label"))
         finally:
             client.close()
+
+
+@pytest.fixture
+def shared(executor, tmp_path):
+    """tmp_path, which a thread sees as it is and a container as /shared. Its file
+    "gate" is created at the end, before the executor shuts down: a test that fails
+    before it opens its gate leaves no task waiting there."""
+    yield Shared(tmp_path, str(tmp_path) if isinstance(executor, cf.ThreadPoolExecutor) else "/shared")
+    (tmp_path / "gate").touch()
 
 
 def test_submit_returns_the_result(executor):
@@ -47,10 +62,20 @@ def test_exception_keeps_its_type_and_message(executor):
 
 
 @pytest.mark.parametrize("chunksize", [1, 3, 1000])
-def test_map_keeps_order(executor, chunksize):
-    assert list(executor.map(helpers.add, range(20), range(20), chunksize=chunksize, timeout=DEADLOCK)) == [
-        2 * i for i in range(20)
-    ]
+def test_map_keeps_order(executor, shared, chunksize):
+    # The first call finishes only after the last one, so the results come back out of
+    # order (two workers; with one chunk of all 20 calls in a container they run in
+    # order, and the first cannot wait for the last).
+    gated = chunksize < 20
+    after = [19 if gated else None] + [None] * 19
+    results = executor.map(
+        helpers.noted_after, [f"{shared.task}/done"] * 20, range(20), after, chunksize=chunksize, timeout=DEADLOCK
+    )
+    assert list(results) == list(range(20))
+    finished = [int(line) for line in (shared.host / "done").read_text().split()]
+    assert sorted(finished) == list(range(20))
+    if gated:
+        assert finished.index(19) < finished.index(0), "the calls finished in order: the test proves nothing"
     assert list(executor.map(helpers.double, [], chunksize=chunksize)) == []
 
 
@@ -60,8 +85,8 @@ def test_map_raises_the_first_failure_in_order(executor):
         list(results)
 
 
-def test_map_timeout(executor):
-    results = executor.map(helpers.sleep_then, [1.5], timeout=0.1)
+def test_map_timeout(executor, shared):
+    results = executor.map(helpers.wait_for_file, [f"{shared.task}/gate"], timeout=0.1)  # opened at the end
     with pytest.raises(cf.TimeoutError):
         next(results)
 
@@ -73,15 +98,19 @@ def test_map_rejects_chunksize_zero(executor):
         executor.map(helpers.double, [1], chunksize=0)
 
 
-def test_as_completed_and_wait(executor):
+def test_as_completed_and_wait(executor, shared):
     futures = [executor.submit(helpers.sleep_then, 0.05 * (i % 3), i) for i in range(8)]
     assert sorted(f.result() for f in cf.as_completed(futures, timeout=DEADLOCK)) == list(range(8))
-    slow = executor.submit(helpers.sleep_then, 1.0, "slow")
+    # `slow` holds one worker until the test opens its gate: `fast` finishes first,
+    # however long the other worker takes to be ready.
+    slow = executor.submit(helpers.wait_for_file, f"{shared.task}/gate", "slow")
     fast = executor.submit(helpers.identity, "fast")
     done, not_done = cf.wait([slow, fast], timeout=DEADLOCK, return_when=cf.FIRST_COMPLETED)
-    assert fast in done
+    assert (done, not_done) == ({fast}, {slow})
+    (shared.host / "gate").touch()
     done, not_done = cf.wait([slow, fast], timeout=DEADLOCK)
     assert not not_done
+    assert slow.result() == "slow"
 
 
 def test_callbacks_run_once_done(executor):
@@ -99,23 +128,31 @@ def test_callbacks_run_once_done(executor):
     assert seen == [8, "late"]
 
 
-def test_cancel_queued_work_only(executor):
-    release = [executor.submit(helpers.sleep_then, 1.0) for _ in range(2)]
-    queued = executor.submit(helpers.identity, "never")
+def test_cancel_queued_work_only(executor, shared):
+    # Both workers wait at a gate the test opens: the third task is still queued.
+    release = [executor.submit(helpers.wait_for_file, f"{shared.task}/gate", i) for i in range(2)]
+    queued = executor.submit(helpers.noted, f"{shared.task}/runs", "never")
     assert queued.cancel()
     assert queued.cancelled()
+    (shared.host / "gate").touch()
     cf.wait(release, timeout=DEADLOCK)
-    assert all(f.result() is None for f in release)
+    assert [f.result() for f in release] == [0, 1]
     assert not release[0].cancel()
+    # Once shut down, whatever was ever handed to a worker has run.
+    executor.shutdown(wait=True)
+    assert not (shared.host / "runs").exists(), "the cancelled task ran"
 
 
-def test_shutdown_cancel_futures(executor):
-    running = [executor.submit(helpers.sleep_then, 1.0, i) for i in range(2)]
+def test_shutdown_cancel_futures(executor, shared):
+    # The running tasks wait at a gate until the queued ones are cancelled.
+    running = [executor.submit(helpers.wait_for_file, f"{shared.task}/gate", i) for i in range(2)]
     wait_until(lambda: all(f.running() for f in running), what="both tasks to start")
     queued = [executor.submit(helpers.identity, i) for i in range(5)]
-    executor.shutdown(wait=True, cancel_futures=True)
-    assert [f.result() for f in running] == [0, 1]
+    executor.shutdown(wait=False, cancel_futures=True)
     assert all(f.cancelled() for f in queued)
+    (shared.host / "gate").touch()
+    executor.shutdown(wait=True)
+    assert [f.result() for f in running] == [0, 1]
 
 
 def test_shutdown_finishes_queued_work(executor):

@@ -186,6 +186,15 @@ def test_task_output_is_logged_per_line_and_never_corrupts_results(make_pool, ca
     assert all(r.container == lines[0].container for r in lines)
 
 
+def test_a_last_line_without_a_newline_is_logged_when_the_task_ends(make_pool, caplog):
+    pool = make_pool()
+    with caplog.at_level(logging.INFO, logger="minipool.worker"):
+        # The reader logs what the task wrote before it settles the future.
+        assert pool.submit(helpers.write_unterminated, "first\nno newline at the end").result(DEADLOCK) == 27
+        lines = [r.getMessage().split(": ", 1)[1] for r in caplog.records if r.name == "minipool.worker"]
+    assert lines == ["first", "no newline at the end"]
+
+
 # --------------------------------------------------------------------------- crashes
 
 CRASHES = [
@@ -254,13 +263,21 @@ def test_missing_image(engine, label):
 
 @pytest.mark.parametrize(
     "case",
-    ["no python in the image", "not a python", "entrypoint exits at once", "option the engine rejects", "silent"],
+    [
+        "no python in the image", "not a python", "entrypoint exits at once", "last words without a newline",
+        "option the engine rejects", "silent",
+    ],
 )
 def test_startup_failures_raise_startup_error_and_leave_nothing(make_pool, image_without_python, case):
     image, options, words = {
         "no python in the image": (image_without_python, {}, "Is 'python3' in the image"),
         "not a python": ("app1_v0.1", {"python": "sh"}, "exited before its handshake"),
         "entrypoint exits at once": ("app1_v0.1", {"container_options": {"entrypoint": ["true"]}}, "exit code 0"),
+        # The container's stderr as the stream ends, flushed into the message.
+        "last words without a newline": (
+            "app1_v0.1", {"container_options": {"entrypoint": ["sh", "-c", "printf 'last words' >&2; exit 3"]}},
+            "(?s)exit code 3.*stderr:\nlast words$",
+        ),
         "option the engine rejects": ("app1_v0.1", {"container_options": {"runtime": "nope"}}, "nope"),
         "silent": (
             "app1_v0.1",

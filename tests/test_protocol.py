@@ -275,8 +275,8 @@ def test_output_past_the_limit_is_counted_not_sent(worker):
 
 
 def test_closed_stdin_ends_the_stub_while_a_task_runs(worker):
-    worker.call(7, helpers.sleep_then, 60)
-    time.sleep(0.2)
+    worker.call(7, helpers.announce_then, time.sleep, 60)
+    assert worker.receive()[:2] == (stub.OUTPUT, 7)  # the task has started
     started = time.monotonic()
     worker.close()
     assert worker.process.returncode == 0

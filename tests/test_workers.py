@@ -5,6 +5,7 @@ import signal
 import pytest
 
 import helpers
+import minipool
 from conftest import DEADLOCK
 from conftest import containers_labelled
 from conftest import start_script
@@ -34,6 +35,19 @@ def test_a_dying_worker_process_loses_its_task_only_and_the_container_stays(make
 def test_a_lost_process_task_is_retried(make_pool, tmp_path):
     pool = make_pool(workers_per_block=2, retries=1, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
     assert pool.submit(helpers.die_once, "/shared/marker").result(DEADLOCK) == "second time lucky"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_keepalives_keep_a_quiet_task_past_the_silence_limit(monkeypatch, make_pool, workers):
+    """A task that writes nothing gets no message while it runs: only the host's
+    KEEPALIVEs keep the stub from deciding that the host is gone. With the real
+    limit (30 s), any task longer than that would die with WorkerLost without them."""
+    # Read when the pool starts (the stub's HELLO and command) and by the keepalive thread.
+    monkeypatch.setattr(minipool, "_HOST_SILENCE", 2)
+    pool = make_pool(workers_per_block=workers)
+    here = pool.submit(helpers.hostname_after, 0).result(DEADLOCK)
+    # The stub looks once a second: without keepalives it would exit 2 to 3 s in.
+    assert pool.submit(helpers.hostname_after, 5).result(DEADLOCK) == here
 
 
 @pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL])

@@ -14,6 +14,7 @@ import helpers
 from conftest import APP2
 from conftest import DEADLOCK
 from conftest import ROOT
+from conftest import wait_until
 from minipool import CacheError
 from minipool import DependencyError
 from minipool import output
@@ -146,6 +147,19 @@ def test_cache_runs_an_identical_call_once(make_pool, shared):
     assert runs(directory) == 2
 
 
+@pytest.mark.parametrize("where", ["memory", "directory"])
+def test_the_cache_tells_calls_apart_by_their_keyword_arguments(make_pool, tmp_path, where):
+    pool = make_pool()
+    add = pool.app(cache=True if where == "memory" else tmp_path)(helpers.add)
+    echo = pool.app(cache=True if where == "memory" else tmp_path)(helpers.echo)
+    assert add(1, b=2).result(DEADLOCK) == 3
+    assert add(1, b=3).result(DEADLOCK) == 4
+    assert add(1).result(DEADLOCK) == 1
+    assert echo(1, key="a").result(DEADLOCK) == ((1,), {"key": "a"})
+    assert echo(1, key="b").result(DEADLOCK) == ((1,), {"key": "b"})
+    assert echo(1, other="a").result(DEADLOCK) == ((1,), {"other": "a"})
+
+
 def test_cancelling_a_call_leaves_the_identical_call_it_shares_a_task_with(make_pool, shared):
     directory, options = shared
     pool = make_pool(**options)
@@ -224,13 +238,28 @@ def test_a_damaged_entry_is_an_error_never_a_wrong_result(make_pool, tmp_path, d
 # --------------------------------------------------------------------------- captured output
 
 
-def test_a_tasks_output_is_kept_for_its_future(make_pool):
-    pool = make_pool()
+def test_a_tasks_output_is_kept_for_its_future(make_pool, shared, caplog):
+    directory, options = shared
+    pool = make_pool(**options)
     future = pool.submit(helpers.noisy, "clean")
     assert future.result(DEADLOCK) == "clean"
     assert output(future) == "noise from print\nnoise from fd 1\nnoise on stderr\n"
-    assert output(pool.submit(helpers.double, 1)) == ""  # not done yet, or wrote nothing
+    quiet = pool.submit(helpers.double, 1)
+    assert quiet.result(DEADLOCK) == 2
+    assert output(quiet) == ""  # done, and wrote nothing
     assert output(cf.Future()) == ""
+    # Not done yet: nothing, even once what it wrote has reached the host (and the log).
+    try:
+        # The level first: the task's line may be logged before submit returns.
+        with caplog.at_level(logging.INFO, logger="minipool.worker"):
+            waiting = pool.submit(helpers.announce_then, helpers.wait_for_file, "/shared/gate", "opened")
+            wait_until(lambda: any(r.getMessage().endswith(": started") for r in caplog.records), what="its output")
+        assert not waiting.done()
+        assert output(waiting) == ""
+    finally:
+        (directory / "gate").touch()  # a failure must not leave the task waiting for the pool's shutdown
+    assert waiting.result(DEADLOCK) == "opened"
+    assert output(waiting) == "started\n"
 
 
 def test_each_worker_process_output_goes_to_its_own_task(make_pool):
