@@ -283,3 +283,22 @@ def hostname_at_gate(path):
     """The container's hostname (its short id), once the test opens the gate `path`."""
     wait_for_file(path)
     return socket.gethostname()
+
+
+# The stress test's tasks (test_stress.py): each says where it ran, or ends its own way.
+
+
+def answer(value):
+    """Return `value` and the container's hostname (its short id) at once."""
+    return value, socket.gethostname()
+
+
+def answer_after(seconds, value):
+    """Return `value` and the container's hostname (its short id) after a while."""
+    time.sleep(seconds)
+    return value, socket.gethostname()
+
+
+def raise_after(seconds, message):
+    time.sleep(seconds)
+    raise ValueError(message)
