@@ -23,7 +23,7 @@
 # .ci/run sources this file for its functions (setup_venv, setup_engine,
 # setup_images, stop_started_engine) and calls the same steps.
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 DEFAULT_SOCKET="unix:///var/run/docker.sock"
 DOCKERD_LOG=/var/log/minipool-dockerd.log
 # No bridge and no iptables rules: minipool's containers run with network none.

@@ -52,7 +52,7 @@ def main():
     build = load_build()
     # No engine, no image, a wrong DOCKER_HOST: one line that names it and the fix.
     try:
-        build.ensure_images(offline=offline)
+        build.ensure_images(offline=offline, log=lambda line: print(line, file=sys.stderr))
         run()
     except build.ImageBuildError as exc:
         sys.exit(f"seed_demo: {exc}")  # it names the socket and the fix
