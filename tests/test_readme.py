@@ -117,8 +117,9 @@ def shell_env(tmp_path):
 def run_command(command, env, cwd):
     """Run one README command as the user would, in bash; (its pid, the finished process).
     `exec` keeps the pid: the containers a python command starts carry it."""
+    script = command if re.match(r"(until|while|for|if)\b", command) else f"exec {command}"
     process = subprocess.Popen(
-        ["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ["bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         out, err = process.communicate(timeout=DEADLOCK * 2)
@@ -266,7 +267,7 @@ def apptainer_example_without_a_runtime(done, engine, since, pid):
 
 
 def engine_answers(done, engine, since, pid):
-    assert "Server Version" in done.stdout
+    pass  # the loop ended, with status 0: `docker info` answered
 
 
 # Shell commands run here, with what they must do.
@@ -275,7 +276,7 @@ SHELL_CHECKS = {
     "python examples/workflow.py --cache results/": workflow_runs,
     "python -m minipool ps": ps_lists,
     "python examples/apptainer.py": apptainer_example_without_a_runtime,
-    "docker info": engine_answers,
+    "until docker info >/dev/null 2>&1; do sleep 0.5; done": engine_answers,
 }
 
 SHELL_BLOCKS = [(start, code) for start, code in blocks_in("sh") if any(c in SHELL_CHECKS for c in commands(code))]
