@@ -170,7 +170,9 @@ setup_engine() {
     apt_install docker.io
   fi
   say "engine: none at $socket ($why); starting dockerd"
-  dockerd "${DOCKERD_ARGS[@]}" >"$DOCKERD_LOG" 2>&1 </dev/null &
+  # setsid: a Ctrl-C in the terminal must not stop the engine under the tests' teardown;
+  # it is stopped once they are done. (Not a group leader here, setsid execs: $! is dockerd.)
+  setsid dockerd "${DOCKERD_ARGS[@]}" >"$DOCKERD_LOG" 2>&1 </dev/null &
   STARTED_ENGINE_PID=$!
   local deadline=$((SECONDS + 60))
   until answer=$(probe_engine) && [ "${answer%% *}" = ok ]; do
@@ -180,6 +182,9 @@ setup_engine() {
     fi
     sleep 0.5
   done
+  if [ "$(cat "/proc/$STARTED_ENGINE_PID/comm" 2>/dev/null)" != dockerd ] && [ -r /var/run/docker.pid ]; then
+    STARTED_ENGINE_PID=$(cat /var/run/docker.pid)  # setsid forked after all: dockerd's own pid file
+  fi
   say "engine: started dockerd, pid $STARTED_ENGINE_PID, log $DOCKERD_LOG (${answer#ok }) in $(since "$started") s"
 }
 
