@@ -260,7 +260,7 @@ main() {
     "$PY" -c 'import pytest' 2>/dev/null || die "$PY cannot import pytest: $PY -m pip install -e '$ROOT[test]'"
     command -v podman >/dev/null \
       || say "test: no podman here: its tests will skip (as root on Debian: apt-get install podman catatonit)"
-    say "test: python -m pytest $*"
+    say "test: python -m pytest$([ $# -eq 0 ] || printf ' %q' "$@")"
     "$PY" -m pytest "$@"
     status=$?
   fi
