@@ -207,9 +207,15 @@ def main():
         command, cwd = shlex.split(args.command), None
     else:
         command, cwd = [sys.executable], os.path.join(ROOT, "images", "app1")
-    with StubPool(args.processes, command, cwd=cwd) as pool:
-        x = pool.submit(app_1, [1, 2, 3])
-        print(x.result())  # [2, 4, 6]
+    # A runtime that is not installed, or an image without Python: one line, no traceback.
+    try:
+        with StubPool(args.processes, command, cwd=cwd) as pool:
+            x = pool.submit(app_1, [1, 2, 3])
+            print(x.result())  # [2, 4, 6]
+    except FileNotFoundError as exc:
+        sys.exit(f"apptainer example: cannot run {command[0]!r}: {exc.strerror}; is it installed, and on PATH?")
+    except minipool.StartupError as exc:
+        sys.exit(f"apptainer example: {exc}")
     print(f"apptainer example: ran in {args.processes} process(es) of {shlex.join(command)}", file=sys.stderr)
 
 

@@ -38,9 +38,12 @@ try:
 except ImportError:
     numpy = None
 
+import minipool  # noqa: E402
 from minipool import ContainerPoolExecutor  # noqa: E402
 
 MB = 1 << 20
+# Said after an engine or image error, instead of a traceback.
+SETUP_HINT = "(python images/build.py builds the seed's images; examples/run.sh demo also starts an engine)"
 QUIET = {"network_mode": "none", "log_config": {"type": "none"}}
 
 
@@ -400,8 +403,25 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a short run (CI's smoke test)")
     parser.add_argument("--image", default="app1_v0.1", help="an image with python3 (default: app1_v0.1)")
     args = parser.parse_args()
-    sizes, image, blocks = Sizes(args.quick), args.image, 2
-    client = docker.from_env()
+    # No engine, no image, a wrong DOCKER_HOST: one line that names it and the fix.
+    try:
+        run(args.quick, args.image)
+    except (minipool.StartupError, docker.errors.DockerException) as exc:
+        sys.exit(f"benchmark: {exc} {SETUP_HINT}")
+
+
+def run(quick, image):
+    sizes, blocks = Sizes(quick), 2
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        sys.exit(f"benchmark: no Docker engine answers at {where}: {exc} {SETUP_HINT}")
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        sys.exit(f"benchmark: image {image} is not on the engine at {where} {SETUP_HINT}")
     table = Table()
     print(f"benchmark: {image}, {blocks} blocks against {blocks} processes, {sizes.repeats} repetition(s)",
           file=sys.stderr)
@@ -492,7 +512,7 @@ def main():
     client.close()
 
     print(f"\nminipool benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, {'quick' if args.quick else 'full'} run, peak RSS of this process "
+          f"Python {platform.python_version()}, {'quick' if quick else 'full'} run, peak RSS of this process "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB\n")
     table.print()
 

@@ -18,7 +18,13 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
+import docker  # noqa: E402
+
+import minipool  # noqa: E402
 from minipool import ContainerPoolExecutor  # noqa: E402
+
+# Said after an engine or image error, instead of a traceback.
+SETUP_HINT = "(python images/build.py builds the seed's images; examples/run.sh demo also starts an engine)"
 
 
 def app_1(data):
@@ -31,18 +37,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200, help="how many tasks each way (default: 200)")
     args = parser.parse_args()
+    try:
+        run(args.tasks)
+    except (minipool.StartupError, docker.errors.DockerException) as exc:
+        sys.exit(f"progress: {exc} {SETUP_HINT}")
+
+
+def run(tasks):
     with ContainerPoolExecutor("app1_v0.1", blocks=2) as pool:
-        futures = [pool.submit(app_1, [i]) for i in range(args.tasks)]
+        futures = [pool.submit(app_1, [i]) for i in range(tasks)]
         total = 0
         for future in tqdm(cf.as_completed(futures), total=len(futures), desc="as_completed", unit="task"):
             total += future.result()[0]
-        print(f"sum of the doubled numbers 0..{args.tasks - 1}: {total}")
+        print(f"sum of the doubled numbers 0..{tasks - 1}: {total}")
 
         endless = ([i] for i in itertools.count())  # never ends: map reads it as results go
         results = pool.map(app_1, endless, buffersize=16)
-        first = list(tqdm(itertools.islice(results, args.tasks), total=args.tasks, desc="map", unit="task"))
+        first = list(tqdm(itertools.islice(results, tasks), total=tasks, desc="map", unit="task"))
         results.close()  # cancels what was read ahead
-        print(f"the first {args.tasks} results of an endless map end with {first[-1]}")
+        print(f"the first {tasks} results of an endless map end with {first[-1]}")
 
 
 if __name__ == "__main__":

@@ -5,19 +5,29 @@
 Each app is a plain function decorated for the pool whose image it needs. Calling an
 app returns a Future at once; passing that Future to another app makes a dataflow
 edge: the second call is submitted when the first is done, with its result in its
-place. With --cache DIR, results are kept in DIR, and a second run skips the work.
+place. With --cache DIR, results are kept in DIR, and a second run skips the work:
+the pools start with no container (blocks=0) and add one only when work comes, so a
+run served wholly from the cache starts none. The results go to stdout; where each
+came from (a container, or the cache) to stderr.
 """
 
 import argparse
 import logging
 import os
+import socket
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
+import docker  # noqa: E402
+
+import minipool  # noqa: E402
 from minipool import ContainerPoolExecutor  # noqa: E402
+
+# Said after an engine or image error, instead of a traceback.
+SETUP_HINT = "(python images/build.py builds the seed's images; examples/run.sh demo also starts an engine)"
 
 
 def main():
@@ -26,37 +36,59 @@ def main():
     parser.add_argument("--cache", metavar="DIR", help="keep results in DIR (default: in memory only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    cache = args.cache or True
+    try:
+        run(args.fan_out, args.cache)
+    except (minipool.StartupError, docker.errors.DockerException) as exc:
+        sys.exit(f"workflow: {exc} {SETUP_HINT}")
 
+
+def run(fan_out, cache_dir):
+    cache = cache_dir or True
     started = time.monotonic()
-    with ContainerPoolExecutor("app1_v0.1", blocks=2) as pool_app1, ContainerPoolExecutor("app2_v0.1") as pool_app2:
+    # blocks=0: no container until a call needs one; then up to max_blocks.
+    with ContainerPoolExecutor("app1_v0.1", blocks=0, max_blocks=2) as pool_app1, ContainerPoolExecutor(
+        "app2_v0.1", blocks=0, max_blocks=1
+    ) as pool_app2:
 
         @pool_app1.app(cache=cache)
         def x(data):
             import app1  # in the image
 
+            print(f"ran in container {socket.gethostname()}")  # a container's hostname is its short id
             return app1.predict(data)
 
         @pool_app2.app(cache=cache)
         def y(data, offset):
             import app2
 
+            print(f"ran in container {socket.gethostname()}")
             return app2.predict([item + offset for item in data])
 
         @pool_app1.app(cache=cache)
         def z(*parts):
             import app1
 
+            print(f"ran in container {socket.gethostname()}")
             return app1.predict([sum(part) for part in parts])
 
         doubled = x([1, 2, 3])  # a Future, at once
-        squares = [y(doubled, offset) for offset in range(args.fan_out)]  # run once `doubled` is done
+        squares = [y(doubled, offset) for offset in range(fan_out)]  # run once `doubled` is done
         total = z(*squares)  # runs once every y is done
-        print(f"X: {doubled.result()}")
-        for offset, future in enumerate(squares):
-            print(f"Y{offset}: {future.result()}")
-        print(f"Z: {total.result()}")
-    print(f"workflow: {args.fan_out + 2} tasks over two pools in {time.monotonic() - started:.2f} s", file=sys.stderr)
+        calls = {"X": doubled, **{f"Y{offset}": future for offset, future in enumerate(squares)}, "Z": total}
+        for name, future in calls.items():
+            print(f"{name}: {future.result()}")
+    # A result read from the cache has no output (minipool.output); one that ran says where.
+    ran = 0
+    for name, future in calls.items():
+        where = minipool.output(future).strip()
+        ran += bool(where)
+        print(f"workflow: {name} {where or f'came from the cache in {cache_dir}'}", file=sys.stderr)
+    took = time.monotonic() - started
+    print(
+        f"workflow: {len(calls)} calls over two pools in {took:.2f} s: {ran} ran in a container,"
+        f" {len(calls) - ran} came from the cache" + ("; no container was started" if ran == 0 else ""),
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

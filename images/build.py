@@ -48,6 +48,7 @@ IMAGES_DIR = Path(__file__).resolve().parent
 APPS = {"app1_v0.1": IMAGES_DIR / "app1", "app2_v0.1": IMAGES_DIR / "app2"}
 LABELS = {"minipool.image": "1"}
 
+DEFAULT_SOCKET = "unix:///var/run/docker.sock"  # docker.from_env's, without DOCKER_HOST
 DEFAULT_BASE = "python:3.11-slim"
 OFFLINE_BASE = "minipool-python:3.11"
 OFFLINE_REPOSITORY, OFFLINE_TAG = OFFLINE_BASE.split(":")
@@ -81,7 +82,7 @@ def ensure_images(
     base: the image to build on; by default python:3.11-slim, falling back to
     minipool-python:3.11. offline: never pull. log: gets each progress line.
     """
-    client = client or docker.from_env()
+    client = client or connect()
     to_build = [name for name in APPS if rebuild or _image_id(client, name) is None]
     if not to_build:
         log(f"images: {', '.join(APPS)} already present")
@@ -94,6 +95,33 @@ def ensure_images(
     for name, old_id in replaced.items():
         _drop_replaced(client, name, old_id, log)
     return list(APPS)
+
+
+def connect() -> docker.DockerClient:
+    """A client of the engine at $DOCKER_HOST (else the default socket) that answered a ping.
+
+    Raises ImageBuildError naming the socket and the fix, instead of docker-py's
+    chain of connection errors that names neither.
+    """
+    where = os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
+    try:
+        client = docker.from_env()
+        client.ping()
+    except (DockerException, OSError) as error:
+        raise ImageBuildError(
+            f"no Docker engine answers at {where} ({_reason(error)}): start one, or point DOCKER_HOST at one"
+            " (README: Getting an engine; as root on Debian, examples/run.sh demo starts one)"
+        ) from error
+    return client
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause of a connection error, in a few words."""
+    said = str(error)
+    for known in ("No such file or directory", "Permission denied", "Connection refused"):
+        if known in said:
+            return known.lower()
+    return said
 
 
 def choose_base(client: docker.DockerClient, base: str | None, offline: bool, rebuild: bool, log: Log) -> str:

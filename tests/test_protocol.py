@@ -139,12 +139,14 @@ def _reader(data):
     return readinto
 
 
-def test_bootstrap_unpacks_the_worker_into_a_temporary_directory():
+def test_bootstrap_unpacks_the_worker_into_a_temporary_directory(tmp_path):
     """`python -c BOOTSTRAP`, as in a container: the stub arrives over stdin."""
     import minipool
 
+    # Its temporary directory goes under tmp_path, not the host's /tmp (issue 13).
     process = subprocess.Popen(
-        [sys.executable, "-c", stub.BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", stub.BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     writev = lambda views: process.stdin.write(b"".join(views))  # noqa: E731
     stub.write_message(writev, stub.BOOT, 0, [minipool._stub_archive([os.path.join(TESTS, "helpers.py")])])
@@ -156,7 +158,7 @@ def test_bootstrap_unpacks_the_worker_into_a_temporary_directory():
     kind, _, payload = stub.read_message(process.stdout.readinto, 1 << 20)
     cwd, path = pickle.loads(payload)
     assert kind == stub.RESULT and cwd == os.getcwd()
-    assert path[0].endswith("/ship") and path[1].endswith("/lib") and "minipool-" in path[0]
+    assert path[0].endswith("/ship") and path[1].endswith("/lib") and path[0].startswith(f"{tmp_path}/minipool-")
     process.stdin.close()
     assert process.wait(10) == 0
     process.stdout.close()
