@@ -104,7 +104,8 @@ class StubProcess:
         if kind not in (stub.RESULT, stub.RAISED) or answer_id != task_id:
             raise minipool.ProtocolError(f"worker process {self.pid}: message kind {kind} for task {answer_id}")
         future = Future()
-        minipool._settle(future, kind, payload)  # the task's exception comes with its remote traceback
+        # The task's exception comes with its remote traceback.
+        minipool._settle(future, kind, payload, f"process {self.pid} of {self.command[0]!r}")
         stub.release(payload)
         return future.result()
 
