@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import getpass
 import hashlib
 import importlib
 import io
@@ -48,13 +49,18 @@ import math
 import mmap
 import os
 import pickle
+import select
+import shlex
+import shutil
 import signal
 import socket
 import sqlite3
 import ssl
 import struct
+import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import types
@@ -92,6 +98,7 @@ _stub: Any = importlib.import_module(f"{__package__}.worker_stub" if __package__
 __all__ = [
     "BrokenContainerPool",
     "CacheError",
+    "Command",
     "ContainerPoolExecutor",
     "DependencyError",
     "MiniPoolError",
@@ -288,6 +295,7 @@ class _Settings:
     """What every block of a pool needs to start and run its containers."""
 
     image: str
+    python: str  # the interpreter's name or path in the image
     label: str
     pool_id: str
     create_options: dict
@@ -474,17 +482,21 @@ def _weighted(engine: Any) -> list[tuple[Any, float]]:
     return pairs
 
 
-class _Engine:
-    """An engine a pool runs blocks on: its client, its containers' exits, its share of the blocks."""
+# --------------------------------------------------------------------------- launchers
+#
+# A launcher starts a block's container (or process), signals it, tells how it
+# ended and removes it: an engine, through its API (_Engine), or a runtime run as
+# a command (_Command). The pool holds a list of them and never asks which kind.
+# Verbs: start(settings) -> _Container (not yet handshaken), kill(container, how),
+# remove(container), release(container), exit(container), answers(), close().
 
-    def __init__(self, client: docker.DockerClient, owned: bool, name: str, weight: float, exits: _ExitWatch) -> None:
-        self.client = client
-        self.api = client.api
-        self.owned = owned
+
+class _Placement:
+    """A launcher's share of the pool's blocks (owned by the pool's lock)."""
+
+    def __init__(self, name: str, weight: float) -> None:
         self.name = name
         self.weight = weight
-        self.exits = exits
-        # Owned by the pool's lock:
         self.blocks = 0  # blocks placed here
         self.lost = False  # it stopped answering: no block goes there again
 
@@ -492,16 +504,278 @@ class _Engine:
         """Its share of blocks with one more: the next block goes where this is least."""
         return (self.blocks + 1) / self.weight
 
+
+class _Engine(_Placement):
+    """An engine a pool runs blocks on, through its API: its client, its containers' exits."""
+
+    def __init__(
+        self, client: docker.DockerClient, owned: bool, name: str, weight: float, exits: _ExitWatch, pool_id: str
+    ) -> None:
+        super().__init__(name, weight)
+        self.client = client
+        self.api = client.api
+        self.owned = owned
+        self.exits = exits
+        self.pool_id = pool_id
+
     def answers(self) -> bool:
         try:
             return bool(self.api.ping())
         except (docker.errors.DockerException, OSError):
             return False
 
+    def start(self, settings: _Settings) -> _Container:
+        """Create, attach, start; StartupError if the engine refuses.
+
+        Attach comes before start and the stub says nothing before HELLO: bytes that
+        arrive with the attach's HTTP answer can be lost in docker-py's reader.
+        """
+        try:
+            container_id = str(self.client.containers.create(**settings.create_options).id)
+        except (docker.errors.DockerException, OSError) as exc:
+            raise _engine_refused(exc, self, settings) from _bare(exc)
+        _logger.debug("pool %s: created container %s on %s", settings.label, container_id[:12], self.name)
+        self.exits.expect(container_id)
+        sock = None
+        try:
+            attach = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+            sock = _raw_socket(self.api.attach_socket(container_id, params=attach))
+            container = _Container(container_id, _AttachChannel(sock), self)
+            self.api.start(container_id)
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                _remove_container(self.api, container_id)
+            self.exits.forget(container_id)
+            if isinstance(exc, (docker.errors.DockerException, OSError)):
+                raise _engine_refused(exc, self, settings) from _bare(exc)
+            raise
+        return container
+
+    def kill(self, container: _Container, how: signal.Signals) -> None:
+        with contextlib.suppress(docker.errors.DockerException, OSError):
+            self.api.kill(container.id, signal=how.name)
+
+    def remove(self, container: _Container) -> None:
+        """Remove the container, running or not, and wait until it is gone."""
+        try:
+            _remove_container(self.api, container.id)
+        except (docker.errors.DockerException, OSError) as exc:
+            _logger.warning("could not remove container %s from %s: %s", container.short_id, self.name, exc)
+
+    def release(self, container: _Container) -> None:
+        """The container is gone and its reader done: let go of what was kept for it."""
+        container.channel.close()
+        self.exits.forget(container.id)
+
+    def exit(self, container: _Container) -> tuple[int | None, bool]:
+        return self.exits.exit_of(container.id)
+
     def close(self) -> None:
+        """The pool is done: remove any container of it still there (say, one the
+        engine created after a create call had timed out), close the client."""
+        try:
+            mine = {"label": f"minipool.executor={self.pool_id}"}
+            for container in self.api.containers(all=True, filters=mine):
+                _logger.warning("removing leftover container %s from %s", container["Id"][:12], self.name)
+                _remove_container(self.api, container["Id"])
+        except (docker.errors.DockerException, OSError) as exc:
+            _logger.warning("could not check %s for leftover containers: %s", self.name, exc)
         self.exits.close()
         if self.owned:
             self.client.close()
+
+
+def _engine_refused(exc: Exception, engine: _Engine, settings: _Settings) -> StartupError:
+    """The engine would not create or start a container: what it said, and the likely fix."""
+    what = f"cannot start a container of image {settings.image!r} on {engine.name}"
+    if not isinstance(exc, docker.errors.APIError):
+        return StartupError(f"{what}: {_reason(exc)}")
+    said = str(exc.explanation)
+    hint = ""
+    if "container-init" in said:
+        hint = ". The engine has no init binary for init=True (Podman: install catatonit)"
+    elif "executable file not found" in said or "no such file" in said:
+        hint = f". Is {settings.python!r} in the image? Pass python= the path of its Python 3 interpreter"
+    return StartupError(f"{what}: the engine said: {said}{hint}")
+
+
+class Command:
+    """A container runtime run as a command, for runtime=: `argv` runs a program in
+    an image with its stdin and stdout tied to ours, "{image}" standing for the
+    image; minipool appends the interpreter and its arguments. For example
+
+        Command(["podman", "run", "-i", "--rm", "--network=none", "{image}"])
+    """
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        if isinstance(argv, str) or not argv or not all(isinstance(word, str) for word in argv):
+            raise TypeError(f"a Command takes a list of strings, not {argv!r}")
+        self.argv = list(argv)
+
+    def __repr__(self) -> str:
+        return f"Command({self.argv!r})"
+
+
+# The runtimes that runtime= names, each run as a command; "docker" is the engine API.
+_RUNTIMES = ("docker", "charliecloud", "apptainer", "singularity", "shifter")
+
+
+def _runtime_argv(
+    runtime: str | Command, image: str, workdir: str | None, environment: Any, volumes: Any
+) -> list[str]:
+    """The command line that runs a program in the image, up to the program: the
+    runtime's own flags for the working directory, the environment and bind mounts."""
+    variables = [f"{name}={value}" for name, value in _pairs(environment)]
+    binds = _binds(volumes)
+    if isinstance(runtime, Command):
+        if workdir is not None or binds:
+            raise ValueError("with runtime=Command(...), give the working directory and bind mounts in its argv")
+        return [word.replace("{image}", image) for word in runtime.argv]
+    if runtime == "charliecloud":
+        read_only = [host for host, _, mode in binds if mode == "ro"]
+        if read_only:
+            raise ValueError(f"Charliecloud mounts volumes read-write; {read_only} asked for read-only")
+        return [
+            "ch-run", f"--cd={workdir or _charliecloud_workdir(image)}",
+            *[f"--set-env={variable}" for variable in variables],
+            *[f"--bind={host}:{guest}" for host, guest, _ in binds],
+            image, "--",
+        ]
+    if runtime in ("apptainer", "singularity"):
+        return [
+            runtime, "exec", *([f"--pwd={workdir}"] if workdir else []),
+            *[f"--env={variable}" for variable in variables],
+            *[f"--bind={host}:{guest}:{mode}" for host, guest, mode in binds],
+            image,
+        ]
+    # Shifter
+    return [
+        "shifter", f"--image={image}", *([f"--workdir={workdir}"] if workdir else []),
+        *[f"--env={variable}" for variable in variables],
+        *[f"--volume={host}:{guest}" + (":ro" if mode == "ro" else "") for host, guest, mode in binds],
+        "--",
+    ]
+
+
+def _pairs(environment: Any) -> list[tuple[str, str]]:
+    """environment= (a mapping, or "NAME=value" strings) as (name, value) pairs."""
+    if environment is None:
+        return []
+    if isinstance(environment, Mapping):
+        return [(str(name), str(value)) for name, value in environment.items()]
+    return [tuple(entry.split("=", 1)) if "=" in entry else (entry, os.environ.get(entry, "")) for entry in environment]
+
+
+def _binds(volumes: Any) -> list[tuple[str, str, str]]:
+    """volumes= (docker's mapping, or "host:guest[:mode]" strings) as (host, guest, mode)."""
+    if volumes is None:
+        return []
+    if isinstance(volumes, Mapping):
+        return [(host, spec["bind"], spec.get("mode", "rw")) for host, spec in volumes.items()]
+    binds = []
+    for entry in volumes:
+        host, guest, mode = [*entry.split(":"), "rw"][:3] if ":" in entry else (entry, entry, "rw")
+        binds.append((host, guest, mode))
+    return binds
+
+
+def _charliecloud_workdir(image: str) -> str:
+    """The image directory's working directory, as ch-convert records it; else /."""
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(image, "ch", "metadata.json")) as file:
+        return str(json.load(file).get("cwd") or "/")
+    return "/"
+
+
+class _Command(_Placement):
+    """A container runtime run as a command: each block is a child process of the
+    caller, in a session of its own (a Ctrl-C in the caller's terminal is the
+    caller's alone), whose stdin and stdout carry the protocol and whose stderr is
+    logged. A killed caller closes the pipes: the stub sees its stdin end and exits."""
+
+    def __init__(self, name: str, argv: list[str], environment: Mapping[str, str]) -> None:
+        super().__init__(name, 1)
+        self.argv = argv  # interpreter and bootstrap included
+        self.environment = environment  # for the process itself, besides the runtime's flags
+
+    def answers(self) -> bool:
+        return True  # no engine to lose: a start that fails is the command's
+
+    def start(self, settings: _Settings) -> _Container:
+        # The bootstrap unpacks the stub under TMPDIR. Apptainer and Charliecloud share
+        # the host's /tmp, so each process gets a directory of its own, removed with it.
+        tmpdir = tempfile.mkdtemp(prefix="minipool-block-")
+        environment = {**os.environ, **self.environment, "TMPDIR": tmpdir}
+        environment.setdefault("USER", getpass.getuser())  # ch-run will not start without it
+        try:
+            process = subprocess.Popen(
+                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                env=environment, start_new_session=True,
+            )
+        except OSError as exc:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise StartupError(
+                f"cannot run {self.name}'s command: {exc.strerror}: {self.argv[0]!r}. Is it installed and on PATH? "
+                f"The command line: {shlex.join(self.argv[:-2])} ..."
+            ) from _bare(exc)
+        _logger.debug("pool %s: started process %d: %s ...", settings.label, process.pid, shlex.join(self.argv[:-2]))
+        channel = _PipeChannel(process, f"minipool-{settings.label}-process-{process.pid}", tmpdir)
+        return _Container(str(process.pid), channel, self)
+
+    def kill(self, container: _Container, how: signal.Signals) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(self._process(container).pid, how)
+
+    def remove(self, container: _Container) -> None:
+        """Kill the process and whatever it started, and reap it."""
+        self.kill(container, signal.SIGKILL)
+        self._process(container).wait()
+
+    def release(self, container: _Container) -> None:
+        assert isinstance(container.channel, _PipeChannel)
+        container.channel.close()
+        shutil.rmtree(container.channel.tmpdir, ignore_errors=True)
+
+    def exit(self, container: _Container) -> tuple[int | None, bool]:
+        try:
+            code = self._process(container).wait(_EXIT_EVENT_WAIT)
+        except subprocess.TimeoutExpired:
+            return None, False
+        assert isinstance(container.channel, _PipeChannel)
+        container.channel.drain_stderr(_EXIT_EVENT_WAIT)
+        return (128 - code if code < 0 else code), False  # as an engine reports a signal
+
+    def close(self) -> None:
+        pass  # every process was removed with its block
+
+    @staticmethod
+    def _process(container: _Container) -> subprocess.Popen:
+        assert isinstance(container.channel, _PipeChannel)
+        return container.channel.process
+
+
+_Launcher = Union[_Engine, _Command]
+
+
+def _worker_command(python: str) -> list[str]:
+    """What runs in every container: the bootstrap, which gets the stub over stdin."""
+    return [python, "-c", _stub.BOOTSTRAP, str(_HOST_SILENCE)]
+
+
+def _open_command(
+    runtime: str | Command, image: str, python: str, workdir: str | None, environment: Any, volumes: Any
+) -> _Command:
+    """The launcher of a runtime run as a command."""
+    argv = _runtime_argv(runtime, image, workdir, environment, volumes) + _worker_command(python)
+    if runtime == "charliecloud" and not os.path.isdir(image):
+        raise StartupError(
+            f"Charliecloud's image is a directory, and {image!r} is none: make one with "
+            f"ch-convert IMAGE {image}, or untar a docker export of the image there"
+        )
+    # A Command has no flags of ours: its process gets the environment itself.
+    variables = dict(_pairs(environment)) if isinstance(runtime, Command) else {}
+    return _Command(runtime if isinstance(runtime, str) else argv[0], argv, variables)
 
 
 def _connect_all(engine: Any, pool_size: int, image: str, pool_id: str, label: str) -> list[_Engine]:
@@ -522,7 +796,7 @@ def _open_engine(spec: Any, weight: float, pool_size: int, image: str, pool_id: 
     client, owned, name = _connect(spec, pool_size)
     try:
         _check_image(client, name, image)
-        engine = _Engine(client, owned, name, weight, _ExitWatch(client.api, pool_id, label))
+        engine = _Engine(client, owned, name, weight, _ExitWatch(client.api, pool_id, label), pool_id)
     except BaseException as exc:
         if owned:
             client.close()
@@ -757,6 +1031,85 @@ class _AttachStream:
         return count
 
 
+class _AttachChannel:
+    """The protocol's bytes over an engine's attach socket: the stub's stdin one
+    way, its stdout and stderr multiplexed (_AttachStream) the other."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.writev = _writev(sock)
+        self.readinto: Callable[[memoryview], int] = sock.recv_into  # until listen()
+
+    def listen(self, on_stderr: Callable[[bytearray], None]) -> None:
+        self.readinto = _AttachStream(self.sock, on_stderr).readinto
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Reads and writes fail with a timeout after `deadline` (None: never)."""
+        self.sock.settimeout(None if deadline is None else max(deadline - time.monotonic(), 0.001))
+
+    def hang_up(self) -> None:
+        """End the stream now, whatever it was in the middle of: the reader settles what was in flight."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _PipeChannel:
+    """The protocol's bytes over a child process's stdin and stdout; its stderr
+    is read by a thread of its own. stdout carries the protocol alone."""
+
+    def __init__(self, process: subprocess.Popen, name: str, tmpdir: str) -> None:
+        self.process = process
+        self.name = name
+        self.tmpdir = tmpdir  # the process's TMPDIR
+        assert process.stdin is not None and process.stdout is not None
+        self.writev = functools.partial(os.writev, process.stdin.fileno())
+        self._stdout = process.stdout.fileno()
+        self._deadline: float | None = None
+        self._stderr: threading.Thread | None = None
+
+    def readinto(self, view: memoryview) -> int:
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0 or not select.select([self._stdout], [], [], left)[0]:
+                raise TimeoutError("no answer in time")
+        return os.readv(self._stdout, [view])
+
+    def listen(self, on_stderr: Callable[[bytearray], None]) -> None:
+        def forward() -> None:
+            assert self.process.stderr is not None
+            fd = self.process.stderr.fileno()
+            with contextlib.suppress(OSError, ValueError):  # closed by close()
+                while data := os.read(fd, 1 << 16):
+                    on_stderr(bytearray(data))
+
+        self._stderr = threading.Thread(target=forward, name=f"{self.name}-stderr", daemon=True)
+        self._stderr.start()
+
+    def drain_stderr(self, timeout: float) -> None:
+        """Wait for the dead process's last words."""
+        if self._stderr is not None:
+            self._stderr.join(timeout)
+
+    def set_deadline(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
+    def hang_up(self) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            with contextlib.suppress(OSError):
+                assert pipe is not None
+                pipe.close()
+
+
+_Channel = Union[_AttachChannel, _PipeChannel]
+
+
 class _Lines:
     """Bytes from a container logged one record per line, whose last lines the
     container keeps to explain its death; past `budget` bytes, one warning."""
@@ -787,18 +1140,20 @@ class _Lines:
 
 
 class _Container:
-    """One running container with the stub in it, attached over one socket."""
+    """One block's running container (or process) with the stub in it, and the
+    channel to it."""
 
-    def __init__(self, container_id: str, sock: socket.socket, engine: _Engine) -> None:
+    def __init__(self, container_id: str, channel: _Channel, launcher: _Launcher) -> None:
         self.id = container_id
-        self.engine = engine
+        self.launcher = launcher
         self.short_id = container_id[:12]
-        self.sock = sock
+        self.channel = channel
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
         self.stderr = _Lines(self, "its stderr", _LOG_BUDGET)
         self.between_tasks = _Lines(self, "output between tasks", _stub.OUTPUT_LIMIT)
-        self.stream = _AttachStream(sock, self.stderr.feed)
-        self.writev = _writev(sock)
+        channel.listen(self.stderr.feed)
+        _channels.add(channel)
+        self.writev = channel.writev
         self._send_lock = threading.Lock()  # the block thread and submit() both send
         self._sends = itertools.count()
         # Task id -> its place in the stub's stdin; the stub runs tasks in that order.
@@ -814,12 +1169,16 @@ class _Container:
         self.reader: threading.Thread | None = None
 
     def exit(self) -> tuple[int | None, bool]:
-        """(exit code, OOM-killed) of the dead container, as its engine told them."""
-        return self.engine.exits.exit_of(self.id)
+        """(exit code, OOM-killed) of the dead container, as its launcher tells them."""
+        return self.launcher.exit(self)
 
     def log(self, level: int, message: str, *args: Any) -> None:
         """Log to minipool.worker, tagged with the container."""
         _worker_logger.log(level, "%s: " + message, self.short_id, *args, extra={"container": self.short_id})
+
+    def last_words(self) -> str:
+        """The last lines of its stderr, to explain its end."""
+        return "\n".join(self.stderr_tail) or "(nothing)"
 
     def end_log(self) -> None:
         """Log the last lines the container left without their newline."""
@@ -858,7 +1217,7 @@ class _Container:
         return seconds
 
     def receive(self, max_size: int) -> tuple[int, int, bytearray | mmap.mmap]:
-        return _stub.read_message(self.stream.readinto, max_size)
+        return _stub.read_message(self.channel.readinto, max_size)
 
     def expire(self, now: float) -> bool:
         """Take the tasks past their deadline out of flight; True if there were any."""
@@ -868,11 +1227,11 @@ class _Container:
 
     def handshake(self, archive: bytes, hello: dict, deadline: float) -> dict:
         """Send the stub (BOOT) and HELLO, return the stub's READY; it says nothing before."""
-        self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        self.channel.set_deadline(deadline)
         self.send(_stub.BOOT, 0, archive)
         self.send(_stub.HELLO, 0, json.dumps(hello).encode())
         kind, _, payload = self.receive(1 << 20)
-        self.sock.settimeout(None)
+        self.channel.set_deadline(None)
         if kind != _stub.READY:
             raise ValueError(f"expected READY, got message kind {kind}")
         return json.loads(bytes(payload))
@@ -889,16 +1248,16 @@ def _hello(max_message_size: int, workers: int, silence: float) -> dict:
     }
 
 
-# Attach sockets of every live container, closed in a forked child: a child that
-# kept them open would keep the engine from closing stdin, and the container
-# would outlive its owner.
-_attach_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+# The channel of every live container, closed in a forked child: a child that
+# kept them open would keep the engine (or the runtime's process) from seeing
+# stdin close, and the container would outlive its owner.
+_channels: weakref.WeakSet[_Channel] = weakref.WeakSet()
 
 
-def _close_sockets_in_child() -> None:
-    for sock in list(_attach_sockets):
+def _close_channels_in_child() -> None:
+    for channel in list(_channels):
         with contextlib.suppress(OSError):
-            sock.close()
+            channel.close()
     for pool in _live_pools:
         pool.forget_in_child()
     _live_pools.clear()
@@ -914,8 +1273,8 @@ class _Pool:
     forgotten executor is collected and its finalizer shuts the pool down.
     """
 
-    def __init__(self, engines: list[_Engine], settings: _Settings, blocks: int) -> None:
-        self._engines = engines
+    def __init__(self, launchers: Sequence[_Launcher], settings: _Settings, blocks: int) -> None:
+        self._launchers = launchers
         self._settings = settings
         self._label = settings.label
         self._hello = _hello(settings.max_message_size, settings.workers_per_block, _HOST_SILENCE)
@@ -1026,8 +1385,7 @@ class _Pool:
             else:
                 _cancel_queued(item)
         for container in containers:
-            with contextlib.suppress(docker.errors.DockerException, OSError):
-                container.engine.api.kill(container.id, signal=how.name)
+            container.launcher.kill(container, how)
         self._finish_if_done()
 
     def join(self) -> None:
@@ -1076,24 +1434,12 @@ class _Pool:
                 return
             self._finished = True  # claimed: this thread finishes the pool
             self._finished_event.set()
-        for engine in self._engines:
-            self._remove_leftovers(engine)
-            engine.close()
+        for launcher in self._launchers:
+            launcher.close()
         _live_pools.discard(self)
         _logger.debug("pool %s: every block has stopped", self._label)
         with self._changed:
             self._changed.notify_all()
-
-    def _remove_leftovers(self, engine: _Engine) -> None:
-        """The last word on leaks: remove any container of this pool still there
-        (say, one the engine created after a create call had timed out)."""
-        try:
-            mine = {"label": f"minipool.executor={self._settings.pool_id}"}
-            for container in engine.api.containers(all=True, filters=mine):
-                _logger.warning("pool %s: removing leftover container %s", self._label, container["Id"][:12])
-                _remove_container(engine.api, container["Id"])
-        except (docker.errors.DockerException, OSError) as exc:
-            _logger.warning("pool %s: could not check %s for leftover containers: %s", self._label, engine.name, exc)
 
     def _keep_alive(self) -> None:
         """Until the pool is finished, tell its containers now and then that the host
@@ -1162,7 +1508,7 @@ class _Pool:
             while container is not None:
                 _logger.info(
                     "pool %s: block %d ready in container %s on %s (%.2f s; %d of at most %d blocks)",
-                    self._label, number, container.short_id, container.engine.name, time.monotonic() - started,
+                    self._label, number, container.short_id, container.launcher.name, time.monotonic() - started,
                     self._blocks, self._settings.max_blocks,
                 )
                 try:
@@ -1215,22 +1561,22 @@ class _Pool:
         are wrong); otherwise it is tried again, as the engine may only have hiccuped.
         """
         failures = 0
-        failed: set[_Engine] = set()
+        failed: set[_Launcher] = set()
         while True:
             with self._changed:
                 if self._closing():
                     return None
-                engine = self._place(failed)
+                launcher = self._place(failed)
             try:
-                return self._start_container(engine)
+                return self._start_container(launcher)
             except StartupError as exc:
                 with self._changed:
-                    engine.blocks -= 1
+                    launcher.blocks -= 1
                     ever_ready = self._ever_ready
-                if not engine.answers():
-                    self._lose_engine(engine, exc)
+                if not launcher.answers():
+                    self._lose_engine(launcher, exc)
                     continue
-                failed.add(engine)
+                failed.add(launcher)
                 failures += 1
                 if not ever_ready or failures == _REPLACEMENT_TRIES:
                     raise
@@ -1238,58 +1584,39 @@ class _Pool:
             with self._changed:
                 self._changed.wait_for(self._closing, 1.0)
 
-    def _place(self, failed: set[_Engine]) -> _Engine:
-        """The engine for a new container (under the lock): the least loaded for its
+    def _place(self, failed: set[_Launcher]) -> _Launcher:
+        """The launcher for a new container (under the lock): the least loaded for its
         weight, among those where this block's start has not failed if any."""
-        engines = [engine for engine in self._engines if not engine.lost]
-        if not engines:
-            raise StartupError(f"no engine is left: {', '.join(engine.name for engine in self._engines)} are lost")
-        engine = min([engine for engine in engines if engine not in failed] or engines, key=_Engine.load)
-        engine.blocks += 1
-        return engine
+        left = [launcher for launcher in self._launchers if not launcher.lost]
+        if not left:
+            raise StartupError(f"no engine is left: {', '.join(each.name for each in self._launchers)} are lost")
+        launcher = min([each for each in left if each not in failed] or left, key=_Placement.load)
+        launcher.blocks += 1
+        return launcher
 
-    def _lose_engine(self, engine: _Engine, exc: StartupError) -> None:
+    def _lose_engine(self, engine: _Launcher, exc: StartupError) -> None:
         with self._changed:
             engine.lost = True
-            left = sum(not other.lost for other in self._engines)
+            left = sum(not other.lost for other in self._launchers)
         _logger.warning(
             "pool %s: the engine at %s does not answer; %d engine(s) left take its blocks (%s)",
             self._label, engine.name, left, exc,
         )
 
-    def _start_container(self, engine: _Engine) -> _Container:
-        """Create, attach, start, send the stub, handshake; StartupError otherwise.
-
-        Attach comes before start and the stub says nothing before HELLO: bytes that
-        arrive with the attach's HTTP answer can be lost in docker-py's reader.
-        """
-        api = engine.api
-        exits = engine.exits
+    def _start_container(self, launcher: _Launcher) -> _Container:
+        """Start a container with the launcher, send the stub, handshake; StartupError otherwise."""
+        container = launcher.start(self._settings)
         try:
-            container_id = str(engine.client.containers.create(**self._settings.create_options).id)
-        except (docker.errors.DockerException, OSError) as exc:
-            raise self._startup_error(exc, engine, None) from _bare(exc)
-        _logger.debug("pool %s: created container %s on %s", self._label, container_id[:12], engine.name)
-        exits.expect(container_id)
-        sock = container = None
-        try:
-            attach = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-            sock = _raw_socket(api.attach_socket(container_id, params=attach))
-            _attach_sockets.add(sock)
-            container = _Container(container_id, sock, engine)
-            api.start(container_id)
             deadline = time.monotonic() + self._settings.startup_timeout
             self._check_ready(container.handshake(self._settings.archive, self._hello, deadline))
         except BaseException as exc:
-            if sock is not None:
-                sock.close()
-            with contextlib.suppress(docker.errors.DockerException, OSError):
-                _remove_container(api, container_id)
-            if isinstance(exc, StartupError) or not isinstance(exc, Exception):
-                exits.forget(container_id)
+            error: BaseException = exc
+            if isinstance(exc, Exception) and not isinstance(exc, StartupError):
+                error = self._handshake_error(exc, container)
+            launcher.remove(container)
+            launcher.release(container)
+            if error is exc:
                 raise
-            error = self._startup_error(exc, engine, container)
-            exits.forget(container_id)
             raise error from _bare(exc)
         container.reader = threading.Thread(
             target=self._read_results, args=(container,), name=f"minipool-{self._label}-reader-{container.short_id}",
@@ -1303,40 +1630,35 @@ class _Pool:
         container.reader.start()
         return container
 
-    def _startup_error(self, exc: Exception, engine: _Engine, container: _Container | None) -> StartupError:
-        what = f"cannot start a container of image {self._settings.image!r} on {engine.name}"
-        python = self._settings.create_options["command"][0]
-        not_found = f"Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
-        if isinstance(exc, docker.errors.APIError):
-            said = str(exc.explanation)
-            hint = ""
-            if "container-init" in said:
-                hint = ". The engine has no init binary for init=True (Podman: install catatonit)"
-            elif "executable file not found" in said or "no such file" in said:
-                hint = f". {not_found}"
-            return StartupError(f"{what}: the engine said: {said}{hint}")
+    def _handshake_error(self, exc: Exception, container: _Container) -> StartupError:
+        """Why the stub in a started container did not get to READY, with its stderr."""
+        what = f"cannot start a container of image {self._settings.image!r} on {container.launcher.name}"
+        python = self._settings.python
         # socket.timeout is TimeoutError only from Python 3.10 on.
-        timed_out = isinstance(exc, (TimeoutError, socket.timeout))
-        if isinstance(exc, (docker.errors.DockerException, OSError)) and not timed_out:
-            return StartupError(f"{what}: {exc}")
-        if container is None:
-            return StartupError(f"{what}: {exc}")
-        container.end_log()
-        stderr = "\n".join(container.stderr_tail) or "(nothing)"
-        if timed_out:
+        if isinstance(exc, (TimeoutError, socket.timeout)):
+            container.end_log()
             return StartupError(
                 f"{what}: the worker did not answer within startup_timeout={self._settings.startup_timeout} s; "
-                f"its stderr:\n{stderr}"
+                f"its stderr:\n{container.last_words()}"
             )
-        if isinstance(exc, EOFError):
+        # Its stream ended, or a write to it failed: the worker is gone.
+        if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
             exit_code, oom_killed = container.exit()
-            # 126 and 127: the init could not run the command at all.
-            hint = not_found if exit_code in (126, 127) else f"Is {python!r} a Python >= 3.8 interpreter?"
+            container.end_log()
+            # 126 and 127: the init (or the runtime) could not run the command at all.
+            hint = (
+                f"Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
+                if exit_code in (126, 127)
+                else f"Is {python!r} a Python >= 3.8 interpreter?"
+            )
             return StartupError(
                 f"{what}: the worker exited before its handshake ({_describe_exit(exit_code, oom_killed)}). "
-                f"{hint} Its stderr:\n{stderr}"
+                f"{hint} Its stderr:\n{container.last_words()}"
             )
-        return StartupError(f"{what}: the worker's handshake failed: {exc}; its stderr:\n{stderr}")
+        container.end_log()
+        if isinstance(exc, (docker.errors.DockerException, OSError)):
+            return StartupError(f"{what}: {exc}")
+        return StartupError(f"{what}: the worker's handshake failed: {exc}; its stderr:\n{container.last_words()}")
 
     def _check_ready(self, ready: dict) -> None:
         python = ".".join(map(str, ready["python"]))
@@ -1363,16 +1685,12 @@ class _Pool:
             # Mostly the container is gone. Whatever the cause, the stream may have
             # stopped mid-message: end it, and the reader settles or requeues the tasks.
             _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
-            with contextlib.suppress(OSError):
-                container.sock.shutdown(socket.SHUT_RDWR)
+            container.channel.hang_up()
 
     def _time_out(self, container: _Container) -> None:
         """Kill the container whose task ran out of time, then fail that task."""
         _logger.warning("pool %s: killing container %s: its task ran out of time", self._label, container.short_id)
-        try:
-            _remove_container(container.engine.api, container.id)
-        except (docker.errors.DockerException, OSError) as exc:
-            _logger.warning("pool %s: could not kill container %s: %s", self._label, container.short_id, exc)
+        container.launcher.remove(container)
         for item in container.expired.values():
             item.keep_output()
             item.future.set_exception(
@@ -1467,22 +1785,18 @@ class _Pool:
         assert reader is not None
         with self._changed:
             self._containers.discard(container)  # already, unless its block failed
-            container.engine.blocks -= 1
+            container.launcher.blocks -= 1
         with contextlib.suppress(OSError):
             container.send(_stub.STOP, 0, b"")
         reader.join(_EXIT_GRACE)
-        try:
-            _remove_container(container.engine.api, container.id)
-        except (docker.errors.DockerException, OSError) as exc:
-            _logger.warning("pool %s: could not remove container %s: %s", self._label, container.short_id, exc)
+        container.launcher.remove(container)
         reader.join(_EXIT_GRACE)
         if container.lost:
             # Its reader is past reading, settling or requeueing what was in flight:
             # wait for it, so the pool's pending work is complete before this block
             # decides whether the pool still has work.
             reader.join()
-        container.sock.close()
-        container.engine.exits.forget(container.id)
+        container.launcher.release(container)
         _logger.debug("pool %s: container %s stopped", self._label, container.short_id)
 
     # -- reader threads
@@ -1613,8 +1927,9 @@ class _Pool:
         return self._lost(container, what, exit_code, False)
 
     def _lost(self, container: _Container, what: str, exit_code: int | None, oom_killed: bool) -> WorkerLost:
-        stderr = "\n".join(container.stderr_tail) or "(nothing)"
-        message = f"{what} ({_describe_exit(exit_code, oom_killed)}). Its last lines of output:\n{stderr}"
+        message = (
+            f"{what} ({_describe_exit(exit_code, oom_killed)}). Its last lines of output:\n{container.last_words()}"
+        )
         _logger.warning("pool %s: %s", self._label, message)
         return WorkerLost(message, container.id, exit_code, oom_killed, container.stderr_tail)
 
@@ -1661,7 +1976,7 @@ def _install_exit_hooks() -> None:
     # Like concurrent.futures: this runs before the interpreter joins non-daemon
     # threads, so block threads learn that they should stop.
     threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
-    os.register_at_fork(after_in_child=_close_sockets_in_child)
+    os.register_at_fork(after_in_child=_close_channels_in_child)
 
 
 # --------------------------------------------------------------------------- the executor
@@ -1702,6 +2017,17 @@ def _check_container_options(options: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(str(key), _CREATE_OPTIONS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"container_options: docker's containers.create takes no option {key!r}{hint}")
+
+
+def _check_runtime(runtime: Any, engine: Any, container_options: Any) -> None:
+    if isinstance(runtime, Command):
+        pass
+    elif not isinstance(runtime, str):
+        raise TypeError(f"runtime must be one of {', '.join(_RUNTIMES)} or a minipool.Command, not {runtime!r}")
+    elif runtime not in _RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(_RUNTIMES)} or a minipool.Command, not {runtime!r}")
+    if runtime != "docker" and (engine is not None or container_options):
+        raise ValueError(f"engine= and container_options are for runtime='docker', not {runtime!r}")
 
 
 def _check_name(name: str, value: Any) -> None:
@@ -1912,10 +2238,19 @@ class ContainerPoolExecutor(Executor):
         (engine, weight) pair: blocks go to the engine with the fewest for its
         weight (1 by default). An engine that stops answering loses its blocks
         to the others; their running tasks are retried per `retries`.
+    runtime: "docker" (the default): containers made through engine=, Docker's or
+        Podman's API. Or a runtime run as a command, each block a child process
+        whose stdin and stdout carry the tasks: "charliecloud" (ch-run; image is
+        an image directory), "apptainer" or "singularity" (exec; image is a .sif
+        or a URI), "shifter" (image as shifter --image takes it), or
+        Command(argv), any command that runs a program in an image with its
+        stdin and stdout tied to ours. engine= and container_options are the
+        engine's alone.
     python: the interpreter's name or path inside the image.
     workdir: the stub's working directory (default: the image's WorkingDir); it is
         on the stub's sys.path, so modules there are importable.
-    environment, volumes: as docker's containers.create takes them.
+    environment, volumes: as docker's containers.create takes them (a mapping or
+        "NAME=value"; {host: {"bind": path, "mode": "ro"}} or "host:path:mode").
     ship: paths of local modules or packages copied into every container and put
         first on its sys.path.
     container_options: passed unchanged to docker's containers.create (mem_limit,
@@ -1946,6 +2281,7 @@ class ContainerPoolExecutor(Executor):
         *,
         max_workers: int | None = None,
         engine: _EngineSpec | list[_EngineSpec | tuple[_EngineSpec, float]] = None,
+        runtime: str | Command = "docker",
         python: str = "python3",
         workdir: str | None = None,
         environment: Mapping[str, str] | Sequence[str] | None = None,
@@ -1989,15 +2325,21 @@ class ContainerPoolExecutor(Executor):
         for path in shipped:
             if not os.path.exists(path):
                 raise ValueError(f"ship: {path!r} does not exist")
+        _check_runtime(runtime, engine, container_options)
         _check_container_options(container_options or {})
         self._label = label or image
         self._image = image
         self._max_message_size = max_message_size
         pool_id = uuid.uuid4().hex[:12]
-        engines = _connect_all(engine, max_blocks + 4, image, pool_id, self._label)
+        launchers: list[_Launcher] = []
+        if runtime == "docker":
+            launchers += _connect_all(engine, max_blocks + 4, image, pool_id, self._label)
+        else:
+            launchers.append(_open_command(runtime, image, python, workdir, environment, volumes))
         try:
             settings = _Settings(
                 image=image,
+                python=python,
                 label=self._label,
                 pool_id=pool_id,
                 create_options=self._create_options(
@@ -2015,9 +2357,9 @@ class ContainerPoolExecutor(Executor):
                 workers_per_block=workers_per_block,
             )
             _install_exit_hooks()
-            self._pool = _Pool(engines, settings, blocks)
+            self._pool = _Pool(launchers, settings, blocks)
         except BaseException:
-            for made in engines:
+            for made in launchers:
                 made.close()
             raise
         # A forgotten executor shuts its pool down when collected; exit is _python_exit's.
@@ -2070,7 +2412,7 @@ class ContainerPoolExecutor(Executor):
         # the stub's stdin when our attach connection drops, even if we are killed.
         options.update(
             image=image,
-            command=[python, "-c", _stub.BOOTSTRAP, str(_HOST_SILENCE)],
+            command=_worker_command(python),
             stdin_open=True,
             tty=False,
             detach=False,
