@@ -1,11 +1,17 @@
-"""A concurrent.futures executor whose workers live in long-running Docker containers.
+"""A concurrent.futures executor whose workers live in long-running containers.
 
     with ContainerPoolExecutor("app1_v0.1", blocks=2) as ex:
         print(ex.submit(predict, [1, 2, 3]).result())
 
 Each block is one container of the executor's image, started once and reused for
 every task. `worker_stub.py` is sent into it over its stdin (worker_stub.BOOTSTRAP)
-and speaks a small protocol over the container's attached stdin/stdout:
+and speaks a small protocol over the container's stdin/stdout: the engine's attach
+stream for Docker and Podman, plain pipes for runtimes run as a command
+(Charliecloud, Apptainer, Shifter). Three ideas are kept apart: a launcher starts,
+signals, watches and removes a block's container (_Engine, _Command), a channel
+moves the bytes (_AttachChannel, _PipeChannel), and the pool queues, paces and
+places tasks without asking which it has (_Pool, with _Starter to get containers
+and _Reader to settle their answers). On Docker:
 
     caller ── submit(fn, *args) ──► pending queue ──► block thread i ── CALL frame ──► stdin ─┐
                                                                                           worker_stub
@@ -492,10 +498,11 @@ def _weighted(engine: Any) -> list[tuple[Any, float]]:
 
 
 class _Placement:
-    """A launcher's share of the pool's blocks (owned by the pool's lock)."""
+    """A launcher's share of the pool's blocks (owned by the starter's lock)."""
 
-    def __init__(self, name: str, weight: float) -> None:
+    def __init__(self, name: str, weight: float, description: str) -> None:
         self.name = name
+        self.description = description  # for errors: where, and how
         self.weight = weight
         self.blocks = 0  # blocks placed here
         self.lost = False  # it stopped answering: no block goes there again
@@ -511,7 +518,7 @@ class _Engine(_Placement):
     def __init__(
         self, client: docker.DockerClient, owned: bool, name: str, weight: float, exits: _ExitWatch, pool_id: str
     ) -> None:
-        super().__init__(name, weight)
+        super().__init__(name, weight, name)
         self.client = client
         self.api = client.api
         self.owned = owned
@@ -695,7 +702,7 @@ class _Command(_Placement):
     logged. A killed caller closes the pipes: the stub sees its stdin end and exits."""
 
     def __init__(self, name: str, argv: list[str], environment: Mapping[str, str]) -> None:
-        super().__init__(name, 1)
+        super().__init__(name, 1, f"{name} (the command line: {shlex.join(argv[:-2])} ...)")
         self.argv = argv  # interpreter and bootstrap included
         self.environment = environment  # for the process itself, besides the runtime's flags
 
@@ -716,8 +723,7 @@ class _Command(_Placement):
         except OSError as exc:
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise StartupError(
-                f"cannot run {self.name}'s command: {exc.strerror}: {self.argv[0]!r}. Is it installed and on PATH? "
-                f"The command line: {shlex.join(self.argv[:-2])} ..."
+                f"cannot run {self.description}: {exc.strerror}: {self.argv[0]!r}. Is it installed and on PATH?"
             ) from _bare(exc)
         _logger.debug("pool %s: started process %d: %s ...", settings.label, process.pid, shlex.join(self.argv[:-2]))
         channel = _PipeChannel(process, f"minipool-{settings.label}-process-{process.pid}", tmpdir)
@@ -1266,6 +1272,246 @@ def _close_channels_in_child() -> None:
 # --------------------------------------------------------------------------- the pool
 
 
+class _Starter:
+    """Where the blocks' containers come from: each goes to the launcher with the
+    most room for it, is started, gets the stub and must answer its handshake. A
+    launcher that stops answering (an engine gone) loses its blocks to the others.
+    """
+
+    def __init__(self, launchers: Sequence[_Launcher], settings: _Settings) -> None:
+        self.launchers = launchers
+        self._settings = settings
+        self._label = settings.label
+        self._hello = _hello(settings.max_message_size, settings.workers_per_block, _HOST_SILENCE)
+        self._lock = threading.Lock()  # the launchers' blocks and lost flags, and what follows
+        self._ever_ready = False  # a container of the pool has been ready once
+
+    def start(self, closing: Callable[[float], bool]) -> _Container | None:
+        """A ready container on the launcher with the most room for it; None if the
+        pool closes first (`closing(seconds)` waits that long for it to, and says
+        whether it did).
+
+        An engine that stops answering loses its blocks to the others, and the pool
+        breaks only when none is left. A start that fails on an engine that answers
+        breaks the pool if no container of it was ever ready (the image or options
+        are wrong); otherwise it is tried again, as the engine may only have hiccuped.
+        """
+        failures = 0
+        failed: set[_Launcher] = set()
+        while not closing(0):
+            launcher = self._place(failed)
+            try:
+                return self._start_container(launcher)
+            except StartupError as exc:
+                with self._lock:
+                    launcher.blocks -= 1
+                    ever_ready = self._ever_ready
+                if not launcher.answers():
+                    self._lose_engine(launcher, exc)
+                    continue
+                failed.add(launcher)
+                failures += 1
+                if not ever_ready or failures == _REPLACEMENT_TRIES:
+                    raise
+                _logger.warning("pool %s: a container failed to start, trying again: %s", self._label, exc)
+            if closing(1.0):
+                break
+        return None
+
+    def stopped(self, container: _Container) -> None:
+        """The container's block has let it go: its launcher has room again."""
+        with self._lock:
+            container.launcher.blocks -= 1
+
+    def _place(self, failed: set[_Launcher]) -> _Launcher:
+        """The launcher for a new container: the least loaded for its weight, among
+        those where this block's start has not failed if any."""
+        with self._lock:
+            left = [launcher for launcher in self.launchers if not launcher.lost]
+            if not left:
+                raise StartupError(f"no engine is left: {', '.join(each.name for each in self.launchers)} are lost")
+            launcher = min([each for each in left if each not in failed] or left, key=_Placement.load)
+            launcher.blocks += 1
+            return launcher
+
+    def _lose_engine(self, engine: _Launcher, exc: StartupError) -> None:
+        with self._lock:
+            engine.lost = True
+            left = sum(not other.lost for other in self.launchers)
+        _logger.warning(
+            "pool %s: the engine at %s does not answer; %d engine(s) left take its blocks (%s)",
+            self._label, engine.name, left, exc,
+        )
+
+    def _start_container(self, launcher: _Launcher) -> _Container:
+        """Start a container with the launcher, send the stub, handshake; StartupError otherwise."""
+        container = launcher.start(self._settings)
+        try:
+            deadline = time.monotonic() + self._settings.startup_timeout
+            self._check_ready(container.handshake(self._settings.archive, self._hello, deadline))
+        except BaseException as exc:
+            error: BaseException = exc
+            if isinstance(exc, Exception) and not isinstance(exc, StartupError):
+                error = self._handshake_error(exc, container)
+            launcher.remove(container)
+            launcher.release(container)
+            if error is exc:
+                raise
+            raise error from _bare(exc)
+        with self._lock:
+            self._ever_ready = True
+        return container
+
+    def _handshake_error(self, exc: Exception, container: _Container) -> StartupError:
+        """Why the stub in a started container did not get to READY, with its stderr."""
+        what = f"cannot start a container of image {self._settings.image!r} on {container.launcher.description}"
+        python = self._settings.python
+        # socket.timeout is TimeoutError only from Python 3.10 on.
+        if isinstance(exc, (TimeoutError, socket.timeout)):
+            container.end_log()
+            return StartupError(
+                f"{what}: the worker did not answer within startup_timeout={self._settings.startup_timeout} s; "
+                f"its stderr:\n{container.last_words()}"
+            )
+        # Its stream ended, or a write to it failed: the worker is gone.
+        if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
+            exit_code, oom_killed = container.exit()
+            container.end_log()
+            # 126 and 127: the init (or the runtime) could not run the command at all.
+            hint = (
+                f"Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
+                if exit_code in (126, 127)
+                else f"Is {python!r} a Python >= 3.8 interpreter?"
+            )
+            return StartupError(
+                f"{what}: the worker exited before its handshake ({_describe_exit(exit_code, oom_killed)}). "
+                f"{hint} Its stderr:\n{container.last_words()}"
+            )
+        container.end_log()
+        if isinstance(exc, (docker.errors.DockerException, OSError)):
+            return StartupError(f"{what}: {exc}")
+        return StartupError(f"{what}: the worker's handshake failed: {exc}; its stderr:\n{container.last_words()}")
+
+    def _check_ready(self, ready: dict) -> None:
+        python = ".".join(map(str, ready["python"]))
+        if ready["pickle_protocol"] < _stub.PICKLE_PROTOCOL:
+            raise StartupError(f"the image's Python {python} is too old: minipool needs Python >= 3.8")
+        if ready["python"][:2] != list(sys.version_info[:2]):
+            _logger.warning(
+                "pool %s: the image has Python %s, this host %d.%d: importable functions work, but functions "
+                "and classes from __main__ (sent by value) need the same minor version",
+                self._label, python, *sys.version_info[:2],
+            )
+
+
+class _Reader:
+    """A container's reader thread: settles each future as its answer arrives, logs
+    and keeps what tasks write and, when the stream ends, has the pool put back
+    what had not started and fails (or retries) what had."""
+
+    def __init__(self, pool: _Pool, container: _Container, settings: _Settings) -> None:
+        self._pool = pool
+        self._container = container
+        self._settings = settings
+        self._label = settings.label
+
+    def run(self) -> None:
+        """Settle futures as results arrive; when the stream ends, fail what was in flight."""
+        error: MiniPoolError | None = None
+        try:
+            self._settle_results()
+        except (EOFError, OSError):
+            self._container.end_log()
+        except Exception as exc:
+            error = ProtocolError(f"container {self._container.short_id}: {exc}")
+            _logger.error("pool %s: %s", self._label, error)
+        finally:
+            # Whatever ended the stream, the block thread must learn it and no future may hang.
+            # (After a ProtocolError the stub may run the tasks still: they fail with it.)
+            started = self._pool.stream_ended(self._container, requeue=error is None)
+            _logger.debug("pool %s: stream of container %s ended", self._label, self._container.short_id)
+            if started:
+                self._orphaned(started, error or self._container_lost())
+
+    def _settle_results(self) -> None:
+        """Settle each future as its result arrives, until the stream ends."""
+        container = self._container
+        where = f"container {container.short_id} of image {self._settings.image!r}"
+        while True:
+            kind, task_id, payload = container.receive(self._settings.max_message_size)
+            if kind in (_stub.OUTPUT, _stub.DROPPED):
+                self._task_output(kind, task_id, payload)
+                continue
+            if kind not in (_stub.RESULT, _stub.RAISED, _stub.LOST):
+                raise ValueError(f"unexpected message kind {kind} for task {task_id}")
+            item, timed_out = self._pool.answered(container, task_id, kind)
+            if timed_out:
+                continue  # the answer of a task that had just run out of time
+            if item is None:
+                raise ValueError(f"a result for task {task_id}, which is not running there")
+            container.sent_order.pop(task_id, None)
+            if kind == _stub.LOST:
+                self._orphaned([item], self._process_lost(payload))
+                continue
+            item.keep_output()
+            try:
+                _settle(item.future, kind, payload, where)
+            finally:
+                _stub.release(payload)
+            del payload
+
+    def _task_output(self, kind: int, task_id: int, payload: bytearray | mmap.mmap) -> None:
+        """OUTPUT or DROPPED: what a task wrote, logged and kept for output()."""
+        container = self._container
+        data = bytes(payload)
+        _stub.release(payload)
+        item = self._pool.running(container, task_id)
+        if kind == _stub.DROPPED:
+            dropped = json.loads(data)["bytes"]
+            container.log(logging.WARNING, "output truncated: %d more bytes were not logged", dropped)
+        elif item is None:
+            container.between_tasks.feed(data)
+        else:
+            item.note_output(container, data)
+
+    def _orphaned(self, items: list[_WorkItem], error: MiniPoolError) -> None:
+        """Tasks whose container died: run them again (retries) or fail them.
+
+        This runs before the reader thread ends, and the block thread joins the
+        reader before it decides whether the pool still has work: a requeued task
+        always finds a block.
+        """
+        for item in items:
+            item.keep_output()
+            if isinstance(error, WorkerLost) and self._pool.retry(item, error):
+                continue
+            broken = self._pool.broken_by()
+            if broken is not None:
+                item.future.set_exception(broken)
+            else:
+                item.future.set_exception(error.after(item.attempts) if isinstance(error, WorkerLost) else error)
+
+    def _container_lost(self) -> WorkerLost:
+        container = self._container
+        exit_code, oom_killed = container.exit()
+        what = f"container {container.short_id} of image {self._settings.image!r} died while running the task"
+        return self._lost(what, exit_code, oom_killed)
+
+    def _process_lost(self, payload: bytearray | mmap.mmap) -> WorkerLost:
+        """A LOST message: a worker process of the container died, another took its place."""
+        exit_code = json.loads(bytes(payload))["exit_code"]
+        what = f"a worker process in container {self._container.short_id} died while running the task"
+        return self._lost(what, exit_code, False)
+
+    def _lost(self, what: str, exit_code: int | None, oom_killed: bool) -> WorkerLost:
+        container = self._container
+        message = (
+            f"{what} ({_describe_exit(exit_code, oom_killed)}). Its last lines of output:\n{container.last_words()}"
+        )
+        _logger.warning("pool %s: %s", self._label, message)
+        return WorkerLost(message, container.id, exit_code, oom_killed, container.stderr_tail)
+
+
 class _Pool:
     """What the executor's threads share: the queue, the blocks, the state flags.
 
@@ -1274,10 +1520,9 @@ class _Pool:
     """
 
     def __init__(self, launchers: Sequence[_Launcher], settings: _Settings, blocks: int) -> None:
-        self._launchers = launchers
+        self._starter = _Starter(launchers, settings)
         self._settings = settings
         self._label = settings.label
-        self._hello = _hello(settings.max_message_size, settings.workers_per_block, _HOST_SILENCE)
         # _changed guards everything below and wakes every thread waiting on it.
         self._changed = threading.Condition()
         self._pending: collections.deque[_WorkItem] = collections.deque()
@@ -1294,7 +1539,6 @@ class _Pool:
         # Set with _finished, for the keepalive thread: a waiter on _changed would be
         # woken by every task's notify_all.
         self._finished_event = threading.Event()
-        self._ever_ready = False  # a container of the pool has been ready once
         self._scale_up_after = 0.0  # no block is added before then (_SCALE_UP_PAUSE)
         self._containers: set[_Container] = set()  # ready, and taking tasks
         self._threads: list[threading.Thread] = []
@@ -1305,6 +1549,62 @@ class _Pool:
             for _ in range(blocks):
                 self._add_block()
         threading.Thread(target=self._keep_alive, name=f"minipool-{self._label}-keepalive", daemon=True).start()
+
+    # -- called by reader threads
+
+    def answered(self, container: _Container, task_id: int, kind: int) -> tuple[_WorkItem | None, bool]:
+        """A task's answer came: take it out of flight, learn its function's pace.
+        Returns its work item, and whether it had run out of time."""
+        with self._changed:
+            item = container.in_flight.pop(task_id, None)
+            timed_out = task_id in container.expired
+            if item is not None:
+                container.backlog -= item.expected
+                if kind != _stub.LOST:
+                    pace = self._pace(item)
+                    self._paces[item.pace_key] = pace + (container.task_seconds(item) - pace) / 5
+            self._changed.notify_all()
+        return item, timed_out
+
+    def running(self, container: _Container, task_id: int) -> _WorkItem | None:
+        with self._changed:
+            return container.in_flight.get(task_id)
+
+    def broken_by(self) -> BaseException | None:
+        with self._changed:
+            return self._broken
+
+    def stream_ended(self, container: _Container, requeue: bool) -> list[_WorkItem]:
+        """The container's stream ended: it takes no more tasks. With `requeue` (it
+        died), what it had not started goes back to the front of the queue; the
+        tasks it had started are returned, to fail or retry.
+
+        The stub starts tasks in the order it got them, so only the first it got
+        (one per worker) had started; the others are unharmed."""
+        with self._changed:
+            container.lost = True
+            in_flight = sorted(container.in_flight, key=lambda task_id: container.sent_order.get(task_id, math.inf))
+            items = [container.in_flight[task_id] for task_id in in_flight]
+            container.in_flight.clear()
+            if requeue and self._broken is None:
+                sent = sum(task_id in container.sent_order for task_id in in_flight)
+                started = min(sent, self._settings.workers_per_block)
+                self._pending.extendleft(reversed(items[started:]))
+                items = items[:started]
+            self._changed.notify_all()
+        return items
+
+    def retry(self, item: _WorkItem, lost: WorkerLost) -> bool:
+        """Queue a lost task to run first on the next free block, if it has retries left."""
+        with self._changed:
+            if len(item.attempts) >= self._settings.retries or self._broken is not None:
+                return False
+            item.attempts.append(lost)
+            item.deadline = None
+            self._pending.appendleft(item)
+            self._changed.notify_all()
+        _logger.info("pool %s: running a lost task again (attempt %d)", self._label, len(item.attempts) + 1)
+        return True
 
     # -- called by the executor
 
@@ -1434,7 +1734,7 @@ class _Pool:
                 return
             self._finished = True  # claimed: this thread finishes the pool
             self._finished_event.set()
-        for launcher in self._launchers:
+        for launcher in self._starter.launchers:
             launcher.close()
         _live_pools.discard(self)
         _logger.debug("pool %s: every block has stopped", self._label)
@@ -1552,124 +1852,26 @@ class _Pool:
         )
 
     def _start_block(self) -> _Container | None:
-        """A container for the block on the engine with the most room for it; None if
-        the pool closes first.
-
-        An engine that stops answering loses its blocks to the others, and the pool
-        breaks only when none is left. A start that fails on an engine that answers
-        breaks the pool if no container of it was ever ready (the image or options
-        are wrong); otherwise it is tried again, as the engine may only have hiccuped.
-        """
-        failures = 0
-        failed: set[_Launcher] = set()
-        while True:
-            with self._changed:
-                if self._closing():
-                    return None
-                launcher = self._place(failed)
-            try:
-                return self._start_container(launcher)
-            except StartupError as exc:
-                with self._changed:
-                    launcher.blocks -= 1
-                    ever_ready = self._ever_ready
-                if not launcher.answers():
-                    self._lose_engine(launcher, exc)
-                    continue
-                failed.add(launcher)
-                failures += 1
-                if not ever_ready or failures == _REPLACEMENT_TRIES:
-                    raise
-                _logger.warning("pool %s: a container failed to start, trying again: %s", self._label, exc)
-            with self._changed:
-                self._changed.wait_for(self._closing, 1.0)
-
-    def _place(self, failed: set[_Launcher]) -> _Launcher:
-        """The launcher for a new container (under the lock): the least loaded for its
-        weight, among those where this block's start has not failed if any."""
-        left = [launcher for launcher in self._launchers if not launcher.lost]
-        if not left:
-            raise StartupError(f"no engine is left: {', '.join(each.name for each in self._launchers)} are lost")
-        launcher = min([each for each in left if each not in failed] or left, key=_Placement.load)
-        launcher.blocks += 1
-        return launcher
-
-    def _lose_engine(self, engine: _Launcher, exc: StartupError) -> None:
-        with self._changed:
-            engine.lost = True
-            left = sum(not other.lost for other in self._launchers)
-        _logger.warning(
-            "pool %s: the engine at %s does not answer; %d engine(s) left take its blocks (%s)",
-            self._label, engine.name, left, exc,
-        )
-
-    def _start_container(self, launcher: _Launcher) -> _Container:
-        """Start a container with the launcher, send the stub, handshake; StartupError otherwise."""
-        container = launcher.start(self._settings)
-        try:
-            deadline = time.monotonic() + self._settings.startup_timeout
-            self._check_ready(container.handshake(self._settings.archive, self._hello, deadline))
-        except BaseException as exc:
-            error: BaseException = exc
-            if isinstance(exc, Exception) and not isinstance(exc, StartupError):
-                error = self._handshake_error(exc, container)
-            launcher.remove(container)
-            launcher.release(container)
-            if error is exc:
-                raise
-            raise error from _bare(exc)
+        """A ready container for the block, its reader started, taking tasks; None if
+        the pool closes first."""
+        container = self._starter.start(self._wait_closing)
+        if container is None:
+            return None
         container.reader = threading.Thread(
-            target=self._read_results, args=(container,), name=f"minipool-{self._label}-reader-{container.short_id}",
-            daemon=True,
+            target=_Reader(self, container, self._settings).run,
+            name=f"minipool-{self._label}-reader-{container.short_id}", daemon=True,
         )
         self._readers.add(container.reader)
         with self._changed:
             self._containers.add(container)
-            self._ever_ready = True
             self._changed.notify_all()
         container.reader.start()
         return container
 
-    def _handshake_error(self, exc: Exception, container: _Container) -> StartupError:
-        """Why the stub in a started container did not get to READY, with its stderr."""
-        what = f"cannot start a container of image {self._settings.image!r} on {container.launcher.name}"
-        python = self._settings.python
-        # socket.timeout is TimeoutError only from Python 3.10 on.
-        if isinstance(exc, (TimeoutError, socket.timeout)):
-            container.end_log()
-            return StartupError(
-                f"{what}: the worker did not answer within startup_timeout={self._settings.startup_timeout} s; "
-                f"its stderr:\n{container.last_words()}"
-            )
-        # Its stream ended, or a write to it failed: the worker is gone.
-        if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
-            exit_code, oom_killed = container.exit()
-            container.end_log()
-            # 126 and 127: the init (or the runtime) could not run the command at all.
-            hint = (
-                f"Is {python!r} in the image? Pass python= the path of its Python 3 interpreter"
-                if exit_code in (126, 127)
-                else f"Is {python!r} a Python >= 3.8 interpreter?"
-            )
-            return StartupError(
-                f"{what}: the worker exited before its handshake ({_describe_exit(exit_code, oom_killed)}). "
-                f"{hint} Its stderr:\n{container.last_words()}"
-            )
-        container.end_log()
-        if isinstance(exc, (docker.errors.DockerException, OSError)):
-            return StartupError(f"{what}: {exc}")
-        return StartupError(f"{what}: the worker's handshake failed: {exc}; its stderr:\n{container.last_words()}")
-
-    def _check_ready(self, ready: dict) -> None:
-        python = ".".join(map(str, ready["python"]))
-        if ready["pickle_protocol"] < _stub.PICKLE_PROTOCOL:
-            raise StartupError(f"the image's Python {python} is too old: minipool needs Python >= 3.8")
-        if ready["python"][:2] != list(sys.version_info[:2]):
-            _logger.warning(
-                "pool %s: the image has Python %s, this host %d.%d: importable functions work, but functions "
-                "and classes from __main__ (sent by value) need the same minor version",
-                self._label, python, *sys.version_info[:2],
-            )
+    def _wait_closing(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the pool to close; whether it does."""
+        with self._changed:
+            return self._changed.wait_for(self._closing, seconds)
 
     def _feed(self, container: _Container) -> None:
         """Send tasks to the container until it is lost, timed out, worn out or the pool closes."""
@@ -1785,7 +1987,7 @@ class _Pool:
         assert reader is not None
         with self._changed:
             self._containers.discard(container)  # already, unless its block failed
-            container.launcher.blocks -= 1
+        self._starter.stopped(container)
         with contextlib.suppress(OSError):
             container.send(_stub.STOP, 0, b"")
         reader.join(_EXIT_GRACE)
@@ -1798,141 +2000,6 @@ class _Pool:
             reader.join()
         container.launcher.release(container)
         _logger.debug("pool %s: container %s stopped", self._label, container.short_id)
-
-    # -- reader threads
-
-    def _read_results(self, container: _Container) -> None:
-        """Settle futures as results arrive; when the stream ends, fail what was in flight."""
-        error: MiniPoolError | None = None
-        try:
-            self._settle_results(container)
-        except (EOFError, OSError):
-            container.end_log()
-        except Exception as exc:
-            error = ProtocolError(f"container {container.short_id}: {exc}")
-            _logger.error("pool %s: %s", self._label, error)
-        finally:
-            # Whatever ended the stream, the block thread must learn it and no future may hang.
-            with self._changed:
-                container.lost = True
-                orphans = self._unstarted_last(container)
-                container.in_flight.clear()
-                if error is None and self._broken is None:
-                    # The container died (the stream ended): the stub starts tasks in
-                    # the order it got them, so only the first it got (one per worker)
-                    # had started. The others go back to the front of the queue,
-                    # unharmed. (After a ProtocolError the stub may run them still:
-                    # they fail with it.)
-                    sent = [task for task in orphans if task[0] in container.sent_order]
-                    started = sent[: self._settings.workers_per_block]
-                    self._pending.extendleft(reversed([item for _, item in orphans[len(started):]]))
-                    orphans = started
-                self._changed.notify_all()
-            _logger.debug("pool %s: stream of container %s ended", self._label, container.short_id)
-            if orphans:
-                self._orphaned([item for _, item in orphans], error or self._container_lost(container))
-
-    @staticmethod
-    def _unstarted_last(container: _Container) -> list[tuple[int, _WorkItem]]:
-        """The tasks in flight in the order the stub got them; those never sent last."""
-        return sorted(container.in_flight.items(), key=lambda task: container.sent_order.get(task[0], math.inf))
-
-    def _settle_results(self, container: _Container) -> None:
-        """Settle each future as its result arrives, until the stream ends."""
-        where = f"container {container.short_id} of image {self._settings.image!r}"
-        while True:
-            kind, task_id, payload = container.receive(self._settings.max_message_size)
-            if kind in (_stub.OUTPUT, _stub.DROPPED):
-                self._task_output(container, kind, task_id, payload)
-                continue
-            if kind not in (_stub.RESULT, _stub.RAISED, _stub.LOST):
-                raise ValueError(f"unexpected message kind {kind} for task {task_id}")
-            with self._changed:
-                item = container.in_flight.pop(task_id, None)
-                timed_out = task_id in container.expired
-                if item is not None:
-                    container.backlog -= item.expected
-                    if kind != _stub.LOST:
-                        pace = self._pace(item)
-                        self._paces[item.pace_key] = pace + (container.task_seconds(item) - pace) / 5
-                self._changed.notify_all()
-            if timed_out:
-                continue  # the answer of a task that had just run out of time
-            if item is None:
-                raise ValueError(f"a result for task {task_id}, which is not running there")
-            container.sent_order.pop(task_id, None)
-            if kind == _stub.LOST:
-                self._orphaned([item], self._process_lost(container, payload))
-                continue
-            item.keep_output()
-            try:
-                _settle(item.future, kind, payload, where)
-            finally:
-                _stub.release(payload)
-            del payload
-
-    def _task_output(self, container: _Container, kind: int, task_id: int, payload: bytearray | mmap.mmap) -> None:
-        """OUTPUT or DROPPED: what a task wrote, logged and kept for output()."""
-        data = bytes(payload)
-        _stub.release(payload)
-        with self._changed:
-            item = container.in_flight.get(task_id)
-        if kind == _stub.DROPPED:
-            dropped = json.loads(data)["bytes"]
-            container.log(logging.WARNING, "output truncated: %d more bytes were not logged", dropped)
-        elif item is None:
-            container.between_tasks.feed(data)
-        else:
-            item.note_output(container, data)
-
-    def _orphaned(self, items: list[_WorkItem], error: MiniPoolError) -> None:
-        """Tasks whose container died: run them again (retries) or fail them.
-
-        This runs before the reader thread ends, and the block thread joins the
-        reader before it decides whether the pool still has work: a requeued task
-        always finds a block.
-        """
-        for item in items:
-            item.keep_output()
-            if isinstance(error, WorkerLost) and self._retry(item, error):
-                continue
-            with self._changed:
-                broken = self._broken
-            if broken is not None:
-                item.future.set_exception(broken)
-            else:
-                item.future.set_exception(error.after(item.attempts) if isinstance(error, WorkerLost) else error)
-
-    def _retry(self, item: _WorkItem, lost: WorkerLost) -> bool:
-        """Queue a lost task to run first on the next free block, if it has retries left."""
-        with self._changed:
-            if len(item.attempts) >= self._settings.retries or self._broken is not None:
-                return False
-            item.attempts.append(lost)
-            item.deadline = None
-            self._pending.appendleft(item)
-            self._changed.notify_all()
-        _logger.info("pool %s: running a lost task again (attempt %d)", self._label, len(item.attempts) + 1)
-        return True
-
-    def _container_lost(self, container: _Container) -> WorkerLost:
-        exit_code, oom_killed = container.exit()
-        what = f"container {container.short_id} of image {self._settings.image!r} died while running the task"
-        return self._lost(container, what, exit_code, oom_killed)
-
-    def _process_lost(self, container: _Container, payload: bytearray | mmap.mmap) -> WorkerLost:
-        """A LOST message: a worker process of the container died, another took its place."""
-        exit_code = json.loads(bytes(payload))["exit_code"]
-        what = f"a worker process in container {container.short_id} died while running the task"
-        return self._lost(container, what, exit_code, False)
-
-    def _lost(self, container: _Container, what: str, exit_code: int | None, oom_killed: bool) -> WorkerLost:
-        message = (
-            f"{what} ({_describe_exit(exit_code, oom_killed)}). Its last lines of output:\n{container.last_words()}"
-        )
-        _logger.warning("pool %s: %s", self._label, message)
-        return WorkerLost(message, container.id, exit_code, oom_killed, container.stderr_tail)
-
 
 # Pools whose threads still run, shut down and joined at interpreter exit.
 _live_pools: set[_Pool] = set()
