@@ -657,10 +657,10 @@ def _runtime_argv(
             *[f"--bind={host}:{guest}:{mode}" for host, guest, mode in binds],
             image,
         ]
-    # Shifter
+    # Shifter: its --env takes no value (it keeps the caller's environment, where
+    # _open_command puts environment=).
     return [
         "shifter", f"--image={image}", *([f"--workdir={workdir}"] if workdir else []),
-        *[f"--env={variable}" for variable in variables],
         *[f"--volume={host}:{guest}" + (":ro" if mode == "ro" else "") for host, guest, mode in binds],
         "--",
     ]
@@ -713,7 +713,10 @@ class _Command(_Placement):
         # The bootstrap unpacks the stub under TMPDIR. Apptainer and Charliecloud share
         # the host's /tmp, so each process gets a directory of its own, removed with it.
         tmpdir = tempfile.mkdtemp(prefix="minipool-block-")
-        environment = {**os.environ, **self.environment, "TMPDIR": tmpdir}
+        # These runtimes pass the caller's environment into the image; the caller's
+        # PYTHONPATH or PYTHONHOME would point the image's Python at the host's modules.
+        inherited = {name: value for name, value in os.environ.items() if not name.startswith("PYTHON")}
+        environment = {**inherited, **self.environment, "TMPDIR": tmpdir}
         environment.setdefault("USER", getpass.getuser())  # ch-run will not start without it
         try:
             process = subprocess.Popen(
@@ -779,8 +782,8 @@ def _open_command(
             f"Charliecloud's image is a directory, and {image!r} is none: make one with "
             f"ch-convert IMAGE {image}, or untar a docker export of the image there"
         )
-    # A Command has no flags of ours: its process gets the environment itself.
-    variables = dict(_pairs(environment)) if isinstance(runtime, Command) else {}
+    # A Command has no flags of ours, nor has Shifter for it: the process gets the environment itself.
+    variables = dict(_pairs(environment)) if isinstance(runtime, Command) or runtime == "shifter" else {}
     return _Command(runtime if isinstance(runtime, str) else argv[0], argv, variables)
 
 
@@ -2394,7 +2397,8 @@ class ContainerPoolExecutor(Executor):
                 raise ValueError(f"ship: {path!r} does not exist")
         _check_runtime(runtime, engine, container_options)
         _check_container_options(container_options or {})
-        self._label = label or image
+        # A path (an image directory, a .sif) makes a long label: its last part is enough.
+        self._label = label or (image if runtime == "docker" else os.path.basename(os.path.normpath(image)))
         self._image = image
         self._max_message_size = max_message_size
         pool_id = uuid.uuid4().hex[:12]
