@@ -1074,17 +1074,31 @@ class _PipeChannel:
         self.name = name
         self.tmpdir = tmpdir  # the process's TMPDIR
         assert process.stdin is not None and process.stdout is not None
-        self.writev = functools.partial(os.writev, process.stdin.fileno())
+        self._stdin = process.stdin.fileno()
         self._stdout = process.stdout.fileno()
         self._deadline: float | None = None
         self._stderr: threading.Thread | None = None
 
     def readinto(self, view: memoryview) -> int:
-        if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            if left <= 0 or not select.select([self._stdout], [], [], left)[0]:
-                raise TimeoutError("no answer in time")
+        self._wait(self._stdout, writing=False)
         return os.readv(self._stdout, [view])
+
+    def writev(self, views: list) -> int:
+        if self._deadline is None:
+            return os.writev(self._stdin, views)
+        # Before the handshake, a command that reads nothing must not hold us past the
+        # deadline: write no more than a pipe takes once select() says it has room.
+        self._wait(self._stdin, writing=True)
+        return os.write(self._stdin, memoryview(views[0])[: select.PIPE_BUF])
+
+    def _wait(self, fd: int, writing: bool) -> None:
+        """With a deadline, wait until `fd` can be read (or written); TimeoutError past it."""
+        if self._deadline is None:
+            return
+        left = max(self._deadline - time.monotonic(), 0)
+        readable, writable, _ = select.select([] if writing else [fd], [fd] if writing else [], [], left)
+        if not readable and not writable:
+            raise TimeoutError("no answer in time")
 
     def listen(self, on_stderr: Callable[[bytearray], None]) -> None:
         def forward() -> None:

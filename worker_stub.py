@@ -208,8 +208,10 @@ def private_channel():
 
 
 def diagnose(message):
-    """Write one of the stub's own messages to the container's stderr."""
-    os.write(DIAGNOSTICS, ("minipool worker: %s\n" % message).encode())
+    """Write one of the stub's own messages to the container's stderr. Never fails:
+    with the host gone, stderr may be a pipe nobody reads any more."""
+    with contextlib.suppress(OSError):
+        os.write(DIAGNOSTICS, ("minipool worker: %s\n" % message).encode())
 
 
 def reopened(stream, fd):
