@@ -16,11 +16,13 @@ through a ch-run process's pipes, and each against the Docker pool's own figure.
 """
 
 import argparse
+import ast
 import concurrent.futures as cf
 import contextlib
 import functools
 import getpass
 import importlib.util
+import inspect
 import logging
 import os
 import platform
@@ -393,12 +395,25 @@ def ch_run(image_dir, code, **options):
     return subprocess.Popen(["ch-run", image_dir, "--", "python3", "-c", code], env=env, **options)
 
 
-def ch_run_s(image_dir):
-    """One bare `ch-run IMAGE_DIR -- python3 -c pass`."""
+def ch_run_s(image_dir, code="pass"):
+    """One bare `ch-run IMAGE_DIR -- python3 -c pass` (or other code)."""
     def run():
-        assert ch_run(image_dir, "pass").wait() == 0
+        assert ch_run(image_dir, code).wait() == 0
 
     return timed(run)
+
+
+def stub_imports():
+    """`import ...` of every module the bootstrap and the worker stub import at their top:
+    a block's start can be no quicker than a Python that imports them."""
+    import worker_stub
+
+    names = set()
+    for source in (worker_stub.BOOTSTRAP, inspect.getsource(worker_stub)):
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+    return "import " + ", ".join(sorted(names))
 
 
 def concurrent_ch_runs_s(image_dir, count):
@@ -440,11 +455,15 @@ def charliecloud_rows(table, sizes, blocks, image_dir, docker):
     """The Charliecloud pool's rows, each against its baseline and against Docker's figure in `docker`."""
     ch = "Charliecloud: "
     bare = median_of(sizes.per_task_runs, lambda: ch_run_s(image_dir)) * 1e3
+    imports = stub_imports()
+    importing = median_of(sizes.per_task_runs, lambda: ch_run_s(image_dir, imports)) * 1e3
     for count in sizes.charliecloud_blocks:
         start = functools.partial(cold_start, image_dir, count, runtime="charliecloud")
         every = median_of(sizes.repeats, lambda: start()[1]) * 1e3  # noqa: B023 (used at once)
         what = f"{ch}{count} block(s): constructor to every block ready"
         table.add(what, every, "bare ch-run IMG -- python3 -c pass", bare, 2 if count == 1 else None, False, "ms")
+        if count == 1:
+            table.add(what, every, "ch-run IMG -- python3 importing the stub's modules", importing, None, False, "ms")
         if count > 1:
             table.add(what, every, f"{count} x bare ch-run at once", concurrent_ch_runs_s(image_dir, count) * 1e3,
                       None, False, "ms")
