@@ -1,18 +1,28 @@
 """minipool against its baselines, every row measured in the same run.
 
-    python examples/benchmark.py [--quick] [--image app1_v0.1]
+    python examples/benchmark.py [--quick] [--image app1_v0.1] [--charliecloud-image DIR]
 
 Baselines: ProcessPoolExecutor with as many workers as blocks; one `docker run
 --rm` per task; one `docker exec` per task; and the channel's own limit, raw
 bytes through an attached container (what `docker run -i` does) with log driver
 none, each way. Each figure is the median of several repetitions (one with
 --quick, which CI runs as a smoke test without judging the numbers).
+
+Where ch-run is installed, the same pool on Charliecloud (runtime="charliecloud",
+on an image directory made from the image by images/build.py if missing) gets
+rows of its own: cold start against a bare `ch-run IMG -- python3 -c pass`, round
+trip and throughput against ProcessPoolExecutor, 64 MB each way against raw bytes
+through a ch-run process's pipes, and each against the Docker pool's own figure.
 """
 
 import argparse
+import ast
 import concurrent.futures as cf
 import contextlib
 import functools
+import getpass
+import importlib.util
+import inspect
 import logging
 import os
 import platform
@@ -58,6 +68,7 @@ class Sizes:
         self.payload = (8 if quick else 64) * MB
         self.big_result = (32 if quick else 256) * MB
         self.block_counts = (1, 4) if quick else (1, 4, 16)
+        self.charliecloud_blocks = (1, 4) if quick else (1, 16)
         self.per_task_runs = 3 if quick else 10
 
 
@@ -280,11 +291,11 @@ def block_readiness():
         logger.setLevel(logging.NOTSET)
 
 
-def cold_start(image, blocks, engine=None):
+def cold_start(image, blocks, engine=None, runtime="docker"):
     """Seconds from the constructor to the first result, and to every block ready."""
     with block_readiness() as counter:
         started = time.perf_counter()
-        pool = ContainerPoolExecutor(image, blocks=blocks, engine=engine)
+        pool = ContainerPoolExecutor(image, blocks=blocks, engine=engine, runtime=runtime)
         pool.submit(abs, 0).result()
         first = time.perf_counter() - started
         every = max(counter.wait(blocks)) - started
@@ -364,6 +375,126 @@ def peak_rss_mb(image, size):
     return float(out.stdout)
 
 
+# --------------------------------------------------------------------------- Charliecloud
+
+
+def charliecloud_image(image):
+    """The Charliecloud image directory made from `image` by images/build.py (made if missing)."""
+    spec = importlib.util.spec_from_file_location("build", os.path.join(ROOT, "images", "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    if image not in build.APPS:
+        sys.exit(f"benchmark: images/build.py makes Charliecloud images of {', '.join(build.APPS)} only; "
+                 f"give --charliecloud-image DIR for {image}")
+    return str(build.ensure_charliecloud_images(log=lambda line: print(line, file=sys.stderr))[image])
+
+
+def ch_run(image_dir, code, **options):
+    """`ch-run IMAGE_DIR -- python3 -c code`, as the pool starts its blocks (USER set, which ch-run needs)."""
+    env = {**os.environ, "USER": os.environ.get("USER") or getpass.getuser()}
+    return subprocess.Popen(["ch-run", image_dir, "--", "python3", "-c", code], env=env, **options)
+
+
+def ch_run_s(image_dir, code="pass"):
+    """One bare `ch-run IMAGE_DIR -- python3 -c pass` (or other code)."""
+    def run():
+        assert ch_run(image_dir, code).wait() == 0
+
+    return timed(run)
+
+
+def stub_imports():
+    """`import ...` of every module the bootstrap and the worker stub import at their top:
+    a block's start can be no quicker than a Python that imports them."""
+    import worker_stub
+
+    names = set()
+    for source in (worker_stub.BOOTSTRAP, inspect.getsource(worker_stub)):
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+    return "import " + ", ".join(sorted(names))
+
+
+def concurrent_ch_runs_s(image_dir, count):
+    """`count` x `ch-run IMAGE_DIR -- python3 -c pass` at once: seconds to all done."""
+    with cf.ThreadPoolExecutor(count) as threads:
+        return timed(lambda: list(threads.map(lambda _: ch_run_s(image_dir), range(count))))
+
+
+def _ch_push(image_dir, size):
+    """MB/s of raw bytes host -> a ch-run process, through its stdin pipe."""
+    with ch_run(image_dir, SINK.format(size=size), stdin=subprocess.PIPE, stdout=subprocess.PIPE) as process:
+        process.stdout.read(1)
+        started = time.perf_counter()
+        process.stdin.write(bytes(size))
+        process.stdin.flush()
+        process.stdout.read(1)
+        took = time.perf_counter() - started
+        process.stdin.close()
+    return size / MB / took
+
+
+def _ch_pull(image_dir, size):
+    """MB/s of raw bytes a ch-run process -> host, through its stdout pipe."""
+    with ch_run(image_dir, SOURCE.format(size=size), stdin=subprocess.PIPE, stdout=subprocess.PIPE) as process:
+        buffer = bytearray(1 << 20)
+        process.stdout.read(1)
+        started = time.perf_counter()
+        process.stdin.write(b"g")
+        process.stdin.flush()
+        left = size
+        while left:
+            left -= process.stdout.readinto(memoryview(buffer)[: min(left, len(buffer))])
+        took = time.perf_counter() - started
+        process.stdin.close()
+    return size / MB / took
+
+
+def charliecloud_rows(table, sizes, blocks, image_dir, docker):
+    """The Charliecloud pool's rows, each against its baseline and against Docker's figure in `docker`."""
+    ch = "Charliecloud: "
+    bare = median_of(sizes.per_task_runs, lambda: ch_run_s(image_dir)) * 1e3
+    imports = stub_imports()
+    importing = median_of(sizes.per_task_runs, lambda: ch_run_s(image_dir, imports)) * 1e3
+    for count in sizes.charliecloud_blocks:
+        start = functools.partial(cold_start, image_dir, count, runtime="charliecloud")
+        every = median_of(sizes.repeats, lambda: start()[1]) * 1e3  # noqa: B023 (used at once)
+        what = f"{ch}{count} block(s): constructor to every block ready"
+        table.add(what, every, "bare ch-run IMG -- python3 -c pass", bare, 2 if count == 1 else None, False, "ms")
+        if count == 1:
+            table.add(what, every, "ch-run IMG -- python3 importing the stub's modules", importing, None, False, "ms")
+        if count > 1:
+            table.add(what, every, f"{count} x bare ch-run at once", concurrent_ch_runs_s(image_dir, count) * 1e3,
+                      None, False, "ms")
+        table.add(what, every, f"Docker: {count} block(s), same run", docker[f"ready {count}"], None, False, "ms")
+
+    with ContainerPoolExecutor(image_dir, blocks=blocks, runtime="charliecloud") as ours, \
+            cf.ProcessPoolExecutor(blocks) as processes:
+        for what, measure, size, unit, target, higher in [
+            ("no-op round trip", round_trip_us, sizes.round_trips, "us", 1, False),
+            (f"no-op throughput, {sizes.outstanding:,} outstanding", throughput, sizes.outstanding, "tasks/s", None,
+             True),
+        ]:
+            mine = median_of(sizes.repeats, functools.partial(measure, ours, size))
+            theirs = median_of(sizes.repeats, functools.partial(measure, processes, size))
+            table.add(ch + what, mine, "ProcessPoolExecutor", theirs, target, higher, unit)
+            table.add(ch + what, mine, "Docker: the same, same run", docker[what], None, higher, unit)
+
+        megabytes = sizes.payload // MB
+        payload = b"x" * sizes.payload
+        into = median_of(sizes.repeats, lambda: argument_rate(ours, payload))
+        out = median_of(sizes.repeats, lambda: result_rate(ours, sizes.payload))
+    raw_in = median_of(sizes.repeats, lambda: _ch_push(image_dir, sizes.payload))
+    raw_out = median_of(sizes.repeats, lambda: _ch_pull(image_dir, sizes.payload))
+    for what, mine, raw_name, raw in [
+        (f"{megabytes} MB bytes argument", into, "raw ch-run pipe in", raw_in),
+        (f"{megabytes} MB bytes result", out, "raw ch-run pipe out", raw_out),
+    ]:
+        table.add(ch + what, mine, raw_name, raw, 0.8, True, "MB/s")
+        table.add(ch + what, mine, "Docker: the same, same run", docker[what], None, True, "MB/s")
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -402,16 +533,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (CI's smoke test)")
     parser.add_argument("--image", default="app1_v0.1", help="an image with python3 (default: app1_v0.1)")
+    parser.add_argument(
+        "--charliecloud-image", metavar="DIR",
+        help="the Charliecloud image directory of --image (default: made by images/build.py --charliecloud)",
+    )
     args = parser.parse_args()
     # No engine, no image, a wrong DOCKER_HOST: one line that names it and the fix.
     try:
-        run(args.quick, args.image)
+        run(args.quick, args.image, args.charliecloud_image)
     except (minipool.StartupError, docker.errors.DockerException) as exc:
         sys.exit(f"benchmark: {exc} {SETUP_HINT}")
 
 
-def run(quick, image):
+def run(quick, image, image_dir):
     sizes, blocks = Sizes(quick), 2
+    docker_figures = {}  # the Docker pool's own, for the Charliecloud rows
     where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
         client = docker.from_env()
@@ -432,7 +568,7 @@ def run(quick, image):
             (f"no-op throughput, {sizes.outstanding:,} outstanding", throughput, sizes.outstanding, "tasks/s", 2, True),
             (f"map of {sizes.map_items:,} items, chunksize 1000", map_rate, sizes.map_items, "items/s", 0.5, True),
         ]:
-            mine = median_of(sizes.repeats, functools.partial(measure, ours, size))
+            mine = docker_figures[what] = median_of(sizes.repeats, functools.partial(measure, ours, size))
             theirs = median_of(sizes.repeats, functools.partial(measure, processes, size))
             table.add(what, mine, "ProcessPoolExecutor", theirs, target, higher, unit)
 
@@ -440,14 +576,14 @@ def run(quick, image):
         from_container = median_of(sizes.repeats, lambda: _pull(client, image, sizes.payload))
         megabytes = sizes.payload // MB
         payload = b"x" * sizes.payload
-        table.add(
-            f"{megabytes} MB bytes argument", median_of(sizes.repeats, lambda: argument_rate(ours, payload)),
-            "raw attach pipe in", to_container, 0.8, True, "MB/s",
-        )
-        table.add(
-            f"{megabytes} MB bytes result", median_of(sizes.repeats, lambda: result_rate(ours, sizes.payload)),
-            "raw attach pipe out", from_container, 0.8, True, "MB/s",
-        )
+        for what, rate, raw_name, raw in [
+            (f"{megabytes} MB bytes argument", lambda: argument_rate(ours, payload), "raw attach pipe in",
+             to_container),
+            (f"{megabytes} MB bytes result", lambda: result_rate(ours, sizes.payload), "raw attach pipe out",
+             from_container),
+        ]:
+            docker_figures[what] = median_of(sizes.repeats, rate)
+            table.add(what, docker_figures[what], raw_name, raw, 0.8, True, "MB/s")
         table.add(
             f"{megabytes} MB argument, vs processes", argument_rate(ours, payload),
             "ProcessPoolExecutor", argument_rate(processes, payload), None, True, "MB/s",
@@ -475,6 +611,7 @@ def run(quick, image):
 
     for count in sizes.block_counts:
         first, every = (seconds * 1e3 for seconds in cold_start(image, count))
+        docker_figures[f"ready {count}"] = every
         if count == 4:
             table.add("4 blocks: constructor to first result", first, "docker run --rm", per_task_run, 1.5, False, "ms")
         table.add(f"{count} block(s): constructor to every block ready", every, "docker run --rm", per_task_run,
@@ -500,6 +637,11 @@ def run(quick, image):
                   one[1], None, False, "ms")
     else:
         print("benchmark: no two-engine rows: starting a second dockerd needs root", file=sys.stderr)
+
+    if shutil.which("ch-run") is None:
+        print("benchmark: no Charliecloud rows: no ch-run here (apt-get install charliecloud-runtime)", file=sys.stderr)
+    else:
+        charliecloud_rows(table, sizes, blocks, image_dir or charliecloud_image(image), docker_figures)
 
     table.add("shutdown of an idle 4-block pool", median_of(sizes.repeats, lambda: idle_shutdown_s(image)) * 1e3,
               "target", 500, 1, False, "ms")

@@ -260,6 +260,8 @@ main() {
     "$PY" -c 'import pytest' 2>/dev/null || die "$PY cannot import pytest: $PY -m pip install -e '$ROOT[test]'"
     command -v podman >/dev/null \
       || say "test: no podman here: its tests will skip (as root on Debian: apt-get install podman catatonit)"
+    command -v ch-run >/dev/null \
+      || say "test: no ch-run here: the Charliecloud tests will skip (as root on Debian: apt-get install charliecloud-runtime)"
     say "test: python -m pytest$([ $# -eq 0 ] || printf ' %q' "$@")"
     "$PY" -m pytest "$@"
     status=$?

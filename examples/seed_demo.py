@@ -1,9 +1,12 @@
 """The seed scenario: two images, one pool each, `predict()` run inside the containers.
 
-    python examples/seed_demo.py [--offline]
+    python examples/seed_demo.py [--offline] [--runtime charliecloud]
 
 Builds app1_v0.1 and app2_v0.1 first if they are missing (see images/build.py;
 --offline never pulls a base image and builds one from Debian packages instead).
+With --runtime charliecloud the blocks are ch-run processes of image directories
+made from those images (images/charliecloud/, made by images/build.py if missing
+or out of date); it prints the same.
 """
 
 import argparse
@@ -47,28 +50,41 @@ def load_build():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--offline", action="store_true", help="never pull a base image")
-    offline = parser.parse_args().offline
+    parser.add_argument(
+        "--runtime", choices=["docker", "charliecloud"], default="docker",
+        help="docker (the engine API, the default) or charliecloud (ch-run of image directories)",
+    )
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     build = load_build()
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
     # No engine, no image, a wrong DOCKER_HOST: one line that names it and the fix.
     try:
-        build.ensure_images(offline=offline, log=lambda line: print(line, file=sys.stderr))
-        run()
+        if args.runtime == "charliecloud":
+            made = build.ensure_charliecloud_images(offline=args.offline, log=say)
+            images = {name: str(path) for name, path in made.items()}
+        else:
+            images = {name: name for name in build.ensure_images(offline=args.offline, log=say)}
+        run(images["app1_v0.1"], images["app2_v0.1"], args.runtime)
     except build.ImageBuildError as exc:
         sys.exit(f"seed_demo: {exc}")  # it names the socket and the fix
     except (minipool.StartupError, docker.errors.DockerException) as exc:
         sys.exit(f"seed_demo: {exc} {SETUP_HINT}")
 
 
-def run():
+def run(image1, image2, runtime):
     started = time.monotonic()
-    with ContainerPoolExecutor("app1_v0.1", blocks=2) as pool_app1, ContainerPoolExecutor("app2_v0.1") as pool_app2:
+    # label: the logs name the pools app1_v0.1 and app2_v0.1 on either runtime.
+    with ContainerPoolExecutor(
+        image1, blocks=2, runtime=runtime, label="app1_v0.1"
+    ) as pool_app1, ContainerPoolExecutor(image2, runtime=runtime, label="app2_v0.1") as pool_app2:
         x = pool_app1.submit(app_1, [1, 2, 3])
         y = pool_app2.submit(app_2, [1, 2, 3])
         # The print statements print [2, 4, 6] and [1, 4, 9] once the results are available.
         print(x.result())
         print(y.result())
-    print(f"demo: two pools started, ran and stopped in {time.monotonic() - started:.2f} s", file=sys.stderr)
+    took = time.monotonic() - started
+    print(f"demo: two pools ({runtime}) started, ran and stopped in {took:.2f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

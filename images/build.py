@@ -1,4 +1,5 @@
-"""Build the sample worker images app1_v0.1 and app2_v0.1 that minipool runs.
+"""Build the sample worker images app1_v0.1 and app2_v0.1 that minipool runs,
+and Charliecloud image directories of them.
 
 Each app image is a Python base image plus one module (images/appN/appN.py)
 whose ``predict`` function the workers call. The builds need no network: the
@@ -11,12 +12,21 @@ minipool-python:3.11, a minimal Debian bookworm with python3 that this module
 builds with debootstrap from the host's own Debian mirror (needs root and the
 debootstrap package), for machines that reach no image registry.
 
+Charliecloud's ch-run runs an image directory, not an engine's image: with
+``--charliecloud [DIR]`` each app image's filesystem is also untarred from
+``docker export`` into DIR/app1_v0.1 and DIR/app2_v0.1 (default DIR:
+images/charliecloud in this checkout, ignored by git), with ch/metadata.json
+naming the image's WorkingDir as "cwd" (ch-run starts in / otherwise, and
+minipool reads "cwd" when no workdir= is given, so that ``import app1`` works).
+A directory is made again only when its Docker image has changed.
+
 Usage, as a module or from the command line::
 
-    from images.build import ensure_images
+    from images.build import ensure_images, ensure_charliecloud_images
     ensure_images()                     # -> ["app1_v0.1", "app2_v0.1"]
+    ensure_charliecloud_images()        # -> {"app1_v0.1": Path(".../images/charliecloud/app1_v0.1"), ...}
 
-    python images/build.py [--base IMAGE] [--offline] [--rebuild]
+    python images/build.py [--base IMAGE] [--offline] [--rebuild] [--charliecloud [DIR]]
 """
 
 from __future__ import annotations
@@ -60,6 +70,13 @@ DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 LEGACY_SOURCES = Path("/etc/apt/sources.list")
 # /var/tmp rather than /tmp: it is on disk, while /tmp may be a small tmpfs.
 ROOTFS_PARENT = "/var/tmp"
+
+# Charliecloud image directories, kept between runs: in the checkout (ignored by git),
+# not in /var/tmp or /tmp, where CI takes anything named minipool-* for a leftover.
+CHARLIECLOUD_DIR = IMAGES_DIR / "charliecloud"
+# In each image directory: the id of the Docker image it was made from, written last,
+# so that a directory is remade when its image changes and a half-made one never counts.
+SOURCE_FILE = Path("ch") / "minipool-source.json"
 
 PROGRESS_EVERY = 5.0  # seconds between two progress lines of one long step
 
@@ -388,6 +405,91 @@ def _mounts_under(path: Path) -> list[str]:
     return [point for point in points if point == str(path) or point.startswith(f"{path}/")]
 
 
+def ensure_charliecloud_images(
+    directory: str | os.PathLike[str] | None = None,
+    client: docker.DockerClient | None = None,
+    offline: bool = False,
+    rebuild: bool = False,
+    log: Log = print,
+) -> dict[str, Path]:
+    """Make a Charliecloud image directory of each app image, directory/NAME, where
+    missing or made from another build of the image; return {name: its directory}.
+
+    The Docker images are built first if missing (see ensure_images). directory:
+    default images/charliecloud in this checkout. rebuild: make them all again.
+    """
+    parent = Path(directory or CHARLIECLOUD_DIR).absolute()
+    client = client or connect()
+    ensure_images(client, offline=offline, log=log)
+    made = {name: parent / name for name in APPS}
+    ready = []
+    for name, path in made.items():
+        image_id = _image_id(client, name)
+        assert image_id is not None  # ensure_images built it
+        if rebuild or _made_from(path) != image_id:
+            _export_image(client, name, image_id, path, log)
+        else:
+            ready.append(name)
+    if ready:
+        log(f"images: Charliecloud image directories of {', '.join(ready)} ready in {parent}")
+    return made
+
+
+def _made_from(path: Path) -> str | None:
+    """The id of the Docker image that the image directory was made from, or None."""
+    try:
+        return str(json.loads((path / SOURCE_FILE).read_text())["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _export_image(client: docker.DockerClient, name: str, image_id: str, path: Path, log: Log) -> None:
+    """Untar the image's filesystem from `docker export` of a container created (never
+    started) from it into path, beside which it is made, then renamed into place."""
+    start = time.monotonic()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=path.parent))
+    partial.chmod(0o755)  # the image's /, which ch-run as any user must reach (mkdtemp's is 0700)
+    old = path.parent / f".{name}.old-{os.getpid()}"
+    size = 0
+    try:
+        # The command is never run: create only needs one for an image without CMD.
+        container = client.api.create_container(image_id, ["true"], labels=LABELS, network_disabled=True)
+        try:
+            # Not /dev's device nodes, which only root could make: ch-run binds the host's /dev.
+            extract = ["tar", "-x", "-C", str(partial), "--exclude=dev/*"]
+            with subprocess.Popen(extract, stdin=subprocess.PIPE) as tar:
+                assert tar.stdin is not None
+                try:
+                    for chunk in client.api.export(container):
+                        tar.stdin.write(chunk)
+                        size += len(chunk)
+                finally:
+                    tar.stdin.close()
+        finally:
+            client.api.remove_container(container, force=True)
+        if tar.returncode != 0:
+            raise ImageBuildError(f"tar -x of docker export {name} into {partial} failed with status {tar.returncode}")
+        config = client.api.inspect_image(image_id)["Config"] or {}
+        (partial / "ch").mkdir(exist_ok=True)
+        (partial / "ch" / "metadata.json").write_text(json.dumps({"cwd": config.get("WorkingDir") or "/"}) + "\n")
+        (partial / SOURCE_FILE).write_text(json.dumps({"image": name, "id": image_id}) + "\n")
+        if path.exists():
+            path.rename(old)
+        try:
+            partial.rename(path)
+        except OSError:
+            if _made_from(path) != image_id:  # else another run made the same one meanwhile
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    log(
+        f"images: made Charliecloud image directory {path} from {name} "
+        f"(docker export | tar -x, {size / 1e6:.0f} MB, {time.monotonic() - start:.1f} s)"
+    )
+
+
 class _Progress:
     """Logs one long step's progress, at most once every PROGRESS_EVERY seconds."""
 
@@ -431,13 +533,20 @@ class _CountingReader(io.RawIOBase):
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point: build the app images, printing progress."""
-    parser = argparse.ArgumentParser(description="Build minipool's sample images app1_v0.1 and app2_v0.1.")
+    parser = argparse.ArgumentParser(description="Build minipool's sample images app1_v0.1 and app2_v0.1 "
+                                     "(and Charliecloud image directories of them).")
     parser.add_argument("--base", metavar="IMAGE", help=f"base image (default: {DEFAULT_BASE}, else {OFFLINE_BASE})")
     parser.add_argument("--offline", action="store_true", help=f"never pull; fall back to building {OFFLINE_BASE}")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the images even if they exist")
+    parser.add_argument(
+        "--charliecloud", nargs="?", const=str(CHARLIECLOUD_DIR), metavar="DIR",
+        help=f"also make Charliecloud image directories DIR/NAME (default DIR: {CHARLIECLOUD_DIR})",
+    )
     args = parser.parse_args(argv)
     try:
         ensure_images(base=args.base, offline=args.offline, rebuild=args.rebuild)
+        if args.charliecloud:
+            ensure_charliecloud_images(args.charliecloud, offline=args.offline, rebuild=args.rebuild)
     except (ImageBuildError, DockerException, OSError) as error:
         print(f"images: error: {error}", file=sys.stderr)
         return 1

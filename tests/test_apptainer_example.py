@@ -1,135 +1,160 @@
-"""examples/apptainer.py: the stub over a plain process's pipes, with this host's Python as
-the command (no Apptainer here, and no engine needed)."""
+"""examples/apptainer.py: the seed's app_1 on a runtime run as a command (runtime=).
 
-import glob
+Apptainer, Singularity and Shifter cannot be installed here, so the example runs for
+real with --runtime charliecloud on an image directory made from app1_v0.1; for the
+others only the command line minipool would give them is checked, and the example's
+apptainer path is run once through a stand-in `apptainer` that records its command
+line and runs the rest with ch-run. Without ch-run these tests skip, unless CI=true,
+where they fail.
+"""
+
 import importlib.util
 import os
-import signal
+import shlex
+import shutil
 import subprocess
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import minipool
+from conftest import DEADLOCK
+from conftest import ROOT
+from conftest import wait_until
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "apptainer.py")
-
-spec = importlib.util.spec_from_file_location("apptainer_example", EXAMPLE)
-example = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(example)
+# The seed's result, as the example prints it.
+SEED = "[2, 4, 6]\n"
 
 
-def gone(pid):
-    """True once no process has this pid (it exited and was reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_a_result_comes_back():
-    with example.StubProcess() as worker:
-        assert worker.ready["pid"] == worker.pid  # the bootstrap runs the stub in the process we started
-        assert worker.call(divmod, 7, 2) == (3, 1)
-        assert worker.call(int, "ff", base=16) == 255
-        assert worker.call(os.getpid) == worker.pid
+example = load("apptainer_example", EXAMPLE)
+build = load("build", os.path.join(ROOT, "images", "build.py"))
 
 
-def test_a_task_that_raises_raises_and_the_worker_goes_on():
-    with example.StubProcess() as worker:
-        with pytest.raises(ZeroDivisionError) as info:
-            worker.call(divmod, 1, 0)
-        assert "ZeroDivisionError" in str(info.value.__cause__)  # the worker's traceback
-        assert worker.call(abs, -2) == 2
+@pytest.fixture(scope="module")
+def charliecloud_image(engine, images):
+    """The Charliecloud image directory of app1_v0.1 (images/charliecloud/, made if missing)."""
+    if shutil.which("ch-run") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but ch-run is not installed (apt-get install charliecloud-runtime)")
+        pytest.skip("no ch-run here (as root on Debian: apt-get install charliecloud-runtime)")
+    return str(build.ensure_charliecloud_images(client=engine, log=lambda line: None)["app1_v0.1"])
 
 
-def test_close_leaves_no_process_and_no_files():
-    worker = example.StubProcess()
-    assert glob.glob(os.path.join(worker.tmpdir, "minipool-*"))  # the bootstrap unpacked the stub there
-    worker.close()
-    assert worker.exit_code == 0
-    assert gone(worker.pid)
-    assert not os.path.exists(worker.tmpdir)
+def processes_using(directory):
+    """Pids of the processes whose environment names `directory` (the blocks' TMPDIR is in it)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if os.fsencode(directory) in environ.read():
+                    found.append(int(pid))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
-def test_close_lets_the_running_task_finish():
-    worker = example.StubProcess()
-    results = []
-    caller = threading.Thread(target=lambda: results.append(worker.call(time.sleep, 0.5)))
-    caller.start()
-    time.sleep(0.1)
-    worker.close()
-    caller.join()
-    assert results == [None]
-    assert worker.exit_code == 0
-    assert gone(worker.pid)
+def run_example(tmp_path, *arguments, path=None):
+    """The example as a user runs it, with its TMPDIR in tmp_path; once it has exited,
+    no process of it and no block directory may be left."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "PATH": path or os.environ["PATH"]}
+    done = subprocess.run(
+        [sys.executable, EXAMPLE, *arguments], capture_output=True, text=True, timeout=DEADLOCK, env=env
+    )
+    wait_until(lambda: not processes_using(str(scratch)), timeout=15, what="the example's blocks to exit")
+    assert not os.listdir(scratch), "the blocks' temporary directories were left"
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
 
 
-def test_a_process_killed_mid_task_is_a_clear_error():
-    with example.StubProcess() as worker:
-        threading.Timer(0.3, os.kill, (worker.pid, signal.SIGKILL)).start()
-        started = time.monotonic()
-        with pytest.raises(minipool.WorkerLost, match="killed by SIGKILL") as info:
-            worker.call(time.sleep, 30)
-        assert time.monotonic() - started < 5
-        assert info.value.exit_code == 128 + signal.SIGKILL
-        assert gone(worker.pid)
-        with pytest.raises(minipool.WorkerLost, match="is gone"):
-            worker.call(abs, -1)
+# --------------------------------------------------------------------------- run here, for real
 
 
-def test_keepalives_carry_a_task_longer_than_the_silence(monkeypatch):
-    # The stub's watcher looks about once a second, so `silence` must exceed a second plus
-    # the keepalive interval (silence / 6); minipool uses 30 s.
-    with example.StubProcess(silence=1.6) as kept:
-        with monkeypatch.context() as patch:
-            patch.setattr(example.StubProcess, "_keep_alive", lambda self, every: None)
-            unkept = example.StubProcess(silence=1.6)
-        with unkept, ThreadPoolExecutor(2) as threads:
-            lasting = threads.submit(kept.call, time.sleep, 3.0)
-            dropped = threads.submit(unkept.call, time.sleep, 3.0)
-            assert lasting.result(timeout=10) is None
-            # Without keepalives the stub gives up on the host: the test can fail.
-            with pytest.raises(minipool.WorkerLost):
-                dropped.result(timeout=10)
-        assert kept.call(abs, -1) == 1
-
-
-def test_a_command_that_is_not_python_is_a_startup_error():
-    with pytest.raises(minipool.StartupError, match="exit code 1"):
-        example.StubProcess(command=["false"])
-    with pytest.raises(FileNotFoundError):
-        example.StubProcess(command=["no-such-runtime", "exec", "app1.sif", "python3"])
-
-
-def test_the_pool_gives_futures_and_replaces_a_dead_process():
-    with example.StubPool(2) as pool:
-        assert [f.result() for f in [pool.submit(pow, n, 2) for n in range(10)]] == [n * n for n in range(10)]
-        assert list(pool.map(abs, [-1, -2, -3])) == [1, 2, 3]
-        pids = {pool.submit(os.getpid).result() for _ in range(20)}
-        with pytest.raises(minipool.WorkerLost, match="exit code 3"):
-            pool.submit(os._exit, 3).result(timeout=10)
-        assert [pool.submit(abs, -n).result(timeout=10) for n in range(4)] == [0, 1, 2, 3]
-        pids |= {pool.submit(os.getpid).result() for _ in range(20)}
-    assert all(gone(pid) for pid in pids)
-
-
-@pytest.mark.parametrize(
-    "command",
-    [
-        [],  # this host's Python, started in images/app1
-        # As Shifter is used: its Python, with the image's directory on sys.path.
-        ["--command", f"env PYTHONPATH={os.path.join(ROOT, 'images', 'app1')} {sys.executable}"],
-    ],
-)
-def test_the_example_prints_the_seed_result(command, tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, EXAMPLE, *command], capture_output=True, text=True, timeout=60, env=env)
+def test_the_example_prints_the_seed_result_on_charliecloud(charliecloud_image, tmp_path):
+    done = run_example(tmp_path, "--runtime", "charliecloud", "--image", charliecloud_image)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "[2, 4, 6]\n"
-    assert not os.listdir(tmp_path)  # the stubs' files are removed
+    assert done.stdout == SEED
+    assert f"ran on 2 block(s) of {charliecloud_image} with charliecloud" in done.stderr
+
+
+def test_its_default_image_for_charliecloud_is_the_one_build_py_makes(charliecloud_image):
+    assert example.DEFAULT_IMAGES["charliecloud"] == charliecloud_image
+
+
+@pytest.mark.parametrize("runtime", ["apptainer", "singularity", "shifter"])
+def test_a_runtime_that_is_not_installed_is_one_line_naming_it(runtime, tmp_path):
+    done = run_example(tmp_path, "--runtime", runtime, path="/nonexistent")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert f"cannot run {runtime}" in line and "Is it installed and on PATH?" in line
+    given = shlex.join(minipool._runtime_argv(runtime, example.DEFAULT_IMAGES[runtime], "/home", None, None))
+    assert f"command line: {given} python3 -c ..." in line  # what the user would run by hand
+
+
+# --------------------------------------------------------------------------- command lines only
+
+
+# What minipool runs for each runtime with the example's options, up to the bootstrap.
+# Apptainer's and Singularity's flags are from `apptainer exec --help`'s documentation
+# (--pwd, --env, --bind SRC:DEST:ro), Shifter's from its shifter.c (--image, --workdir,
+# --volume); none of these three has run here.
+EXPECTED = {
+    "apptainer": ["apptainer", "exec", "--pwd=/home", "app1.sif", "python3"],
+    "singularity": ["singularity", "exec", "--pwd=/home", "app1.sif", "python3"],
+    "shifter": ["shifter", "--image=docker:app1_v0.1:latest", "--workdir=/home", "--", "python3"],
+    "charliecloud": ["ch-run", "--cd=/home", example.DEFAULT_IMAGES["charliecloud"], "--", "python3"],
+}
+
+
+@pytest.mark.parametrize("runtime", sorted(EXPECTED))
+def test_the_command_line_each_runtime_gets(runtime):
+    image = example.DEFAULT_IMAGES[runtime]
+    argv = minipool._runtime_argv(runtime, image, example.WORKDIR, None, None) + minipool._worker_command("python3")
+    assert argv[: len(EXPECTED[runtime])] == EXPECTED[runtime]
+    assert argv[len(EXPECTED[runtime]) :] == ["-c", minipool._stub.BOOTSTRAP, "30.0"]
+
+
+def test_apptainers_flags_for_environment_and_volumes():
+    argv = minipool._runtime_argv(
+        "apptainer", "app1.sif", "/home", {"OMP_NUM_THREADS": "1"}, {"/data": {"bind": "/in", "mode": "ro"}}
+    )
+    assert argv == ["apptainer", "exec", "--pwd=/home", "--env=OMP_NUM_THREADS=1", "--bind=/data:/in:ro", "app1.sif"]
+
+
+# A stand-in for `apptainer exec [--pwd=DIR] IMAGE COMMAND...`: it records its command
+# line, then runs COMMAND in the Charliecloud image directory instead. Not Apptainer:
+# it shows what the example gives the runtime, and that a process started that way
+# serves the pool.
+STAND_IN = """#!/bin/sh
+printf '%s\\0' "$@" >"{record}"
+[ "$1" = exec ] || exit 64
+shift
+cd=/
+case $1 in --pwd=*) cd=${{1#--pwd=}}; shift ;; esac
+shift  # the image: {image} stands for it
+exec ch-run --cd="$cd" {image} -- "$@"
+"""
+
+
+def test_the_example_through_a_stand_in_apptainer(charliecloud_image, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv"
+    stand_in = bin_dir / "apptainer"
+    stand_in.write_text(STAND_IN.format(record=record, image=shlex.quote(charliecloud_image)))
+    stand_in.chmod(0o755)
+    done = run_example(tmp_path, path=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == SEED
+    given = record.read_text().split("\0")[:-1]
+    assert given == [*EXPECTED["apptainer"][1:], "-c", minipool._stub.BOOTSTRAP, "30.0"]

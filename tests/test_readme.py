@@ -1,17 +1,22 @@
 """The README's code blocks run as written (issue 13).
 
-Every fenced block is either run here, against the real engine and the seed's images,
-or skipped by name below with the reason. Python blocks run as scripts in a subprocess
+Every fenced block is either run here, against the real engine and the seed's images
+(and Charliecloud's ch-run on image directories made from them), or skipped by name
+below with the reason. Python blocks run as scripts in a subprocess
 (their functions live in its __main__, as in a user's script); the containers they
 start carry its pid (`minipool.pid`), which is how their leftovers are found. Each
-shell command is run or skipped by name; every shell block must at least parse.
+shell command is run or skipped by name; every shell block must at least parse. Each
+runs with a TMPDIR of its own: once it is done, no process of it (a block run as a
+command keeps that TMPDIR) and no file may be left there.
 """
 
 import ast
 import contextlib
+import importlib.util
 import inspect
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,14 +31,25 @@ from conftest import wait_until
 from minipool import ContainerPoolExecutor
 
 README = os.path.join(ROOT, "README.md")
+SEED_DEMO_STDOUT = "[2, 4, 6]\n[1, 4, 9]\n"
+# examples/workflow.py's results, the same on every runtime.
+WORKFLOW_STDOUT = """X: [2, 4, 6]
+Y0: [4, 16, 36]
+Y1: [9, 25, 49]
+Y2: [16, 36, 64]
+Y3: [25, 49, 81]
+Z: [112, 166, 232, 310]
+"""
 
 # Python blocks not run here, by a line of theirs, with the reason.
 PYTHON_SKIPPED = {
-    "ContainerPoolExecutor(image, blocks=1, *,": "the signature, not a program: "
+    "ContainerPoolExecutor(image, blocks=": "the signature, not a program: "
     "test_the_signature_is_the_executors checks it",
     'gpu_box = docker.DockerClient(base_url="tcp://10.0.0.5:2376"': "needs an engine at an example address",
     'engine="unix:///run/podman/podman.sock"': "needs the Podman service of the block above, which is not started "
     "here; the behaviour suite runs on a Podman service of its own (conftest's podman fixture)",
+    'ContainerPoolExecutor("app1.sif", runtime="apptainer"': "no Apptainer here (no package): "
+    "tests/test_apptainer_example.py checks its command line and runs it through a stand-in apptainer",
 }
 
 # Shell commands not run here, by their start, with the reason.
@@ -48,8 +64,11 @@ SHELL_SKIPPED = {
     "python -m minipool cleanup": "removes other runs' containers: tests on this engine make orphans on purpose",
     "python -m minipool --engine unix:///run/user/1000/docker.sock": "example engine addresses",
     "apptainer build": "no Apptainer here (no package)",
-    "python examples/apptainer.py --command 'apptainer": "no Apptainer here (no package)",
-    "python examples/apptainer.py --command 'shifter": "no Shifter here (no package)",
+    "python examples/apptainer.py --runtime apptainer": "no Apptainer here (no package): "
+    "tests/test_apptainer_example.py runs it through a stand-in apptainer",
+    "python examples/apptainer.py --runtime singularity": "no Singularity here (no package)",
+    "shifterimg pull": "no Shifter here (no package)",
+    "python examples/apptainer.py --runtime shifter": "no Shifter here (no package)",
 }
 
 
@@ -85,6 +104,46 @@ def skipped(text, table):
     return next((reason for start, reason in table.items() if start in text), None)
 
 
+def needs_charliecloud(code):
+    return "charliecloud" in code or "ch-run" in code
+
+
+@pytest.fixture
+def charliecloud(request):
+    """ch-run and the image directories of app1_v0.1 and app2_v0.1 (images/charliecloud/,
+    made if missing); skip without ch-run, except in CI."""
+    if shutil.which("ch-run") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but ch-run is not installed (apt-get install charliecloud-runtime)")
+        pytest.skip("no ch-run here (as root on Debian: apt-get install charliecloud-runtime)")
+    engine = request.getfixturevalue("engine")
+    request.getfixturevalue("images")
+    spec = importlib.util.spec_from_file_location("build", os.path.join(ROOT, "images", "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.ensure_charliecloud_images(client=engine, log=lambda line: None)
+
+
+def processes_using(directory):
+    """Pids of the processes whose environment names `directory`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if os.fsencode(directory) in environ.read():
+                    found.append(int(pid))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def assert_no_block_left(env):
+    """No process that a command started with this TMPDIR, and nothing in it, is left."""
+    scratch = env["TMPDIR"]
+    wait_until(lambda: not processes_using(scratch), timeout=15, what=f"the processes using {scratch} to exit")
+    assert not os.listdir(scratch), f"left in TMPDIR: {os.listdir(scratch)}"
+
+
 def expected_prints(code):
     """What the block's `print(...)  # VALUE` lines say they print, in order."""
     return [match.group(1) for match in re.finditer(r"^\s*print\(.*\)\s+#\s*(.+?)\s*$", code, re.MULTILINE)]
@@ -102,6 +161,8 @@ def shell_env(tmp_path):
     wrapper.chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     for name in ("examples", "images"):
         (work / name).symlink_to(os.path.join(ROOT, name))
     env = {
@@ -110,6 +171,7 @@ def shell_env(tmp_path):
         "PYTHONPATH": ROOT,
         "MINIPOOL_PYTHON": sys.executable,  # examples/run.sh: no .venv of its own
         "MINIPOOL_NO_INSTALL": "1",  # examples/run.sh: never install nor start an engine
+        "TMPDIR": str(scratch),  # where blocks run as commands keep their files: checked after each
     }
     return env, str(work)
 
@@ -223,15 +285,19 @@ PYTHON_BLOCKS = blocks_in("python")
 
 
 @pytest.mark.parametrize("start, code", PYTHON_BLOCKS, ids=[f"line{start}" for start, _ in PYTHON_BLOCKS])
-def test_python_block_runs_as_a_script(start, code, images, engine, shell_env, tmp_path):
+def test_python_block_runs_as_a_script(start, code, images, engine, shell_env, tmp_path, request):
     reason = skipped(code, PYTHON_SKIPPED)
     if reason:
         pytest.skip(f"README.md line {start}: {reason}")
-    env, _ = shell_env
+    if needs_charliecloud(code):
+        request.getfixturevalue("charliecloud")
+    env, work = shell_env
     script = tmp_path / "block.py"
     script.write_text(code)
-    pid, done = run_command(f"{sys.executable} {script}", env, str(tmp_path))
+    # In the scratch checkout: the blocks name images/charliecloud/... as the README's reader would.
+    pid, done = run_command(f"{sys.executable} {script}", env, work)
     assert_left_nothing(engine, pid)
+    assert_no_block_left(env)
     assert done.returncode == 0, f"README.md line {start} failed:\n{done.stderr}"
     printed = done.stdout.splitlines()
     assert printed[: len(expected_prints(code))] == expected_prints(code), done.stdout
@@ -241,14 +307,14 @@ def test_python_block_runs_as_a_script(start, code, images, engine, shell_env, t
 
 
 def demo_prints_the_seeds_results(done, engine, since, pid):
-    assert done.stdout.splitlines() == ["[2, 4, 6]", "[1, 4, 9]"]
+    assert done.stdout == SEED_DEMO_STDOUT
     assert "engine: found at" in done.stderr and "images: app1_v0.1 and app2_v0.1 present" in done.stderr
     # The demo runs in a child of the script: its containers, by the ids it logs.
     assert_left_nothing(engine, pid, re.findall(r"in container ([0-9a-f]{12})", done.stderr))
 
 
 def workflow_runs(done, engine, since, pid):
-    assert done.stdout.splitlines()[0] == "X: [2, 4, 6]" and done.stdout.splitlines()[-1].startswith("Z: ")
+    assert done.stdout == WORKFLOW_STDOUT
     if "6 came from the cache" in done.stderr:  # the second run
         assert "no container was started" in done.stderr
         assert containers_created(engine, pid, since) == 0
@@ -262,8 +328,29 @@ def ps_lists(done, engine, since, pid):
     assert done.stdout.split()[:2] == ["ENGINE", "CONTAINER"] or done.stdout.startswith("no minipool")
 
 
-def apptainer_example_without_a_runtime(done, engine, since, pid):
+def charliecloud_images_made(done, engine, since, pid):
+    made = re.findall(r"Charliecloud image director(?:y|ies) .*", done.stdout)
+    assert made, done.stdout
+    for name in ("app1_v0.1", "app2_v0.1"):
+        with open(os.path.join(ROOT, "images", "charliecloud", name, "ch", "metadata.json")) as metadata:
+            assert '"cwd": "/home"' in metadata.read()
+
+
+def seed_demo_on_charliecloud(done, engine, since, pid):
+    assert done.stdout == SEED_DEMO_STDOUT  # as on Docker
+    assert "demo: two pools (charliecloud)" in done.stderr
+    assert containers_created(engine, pid, since) == 0  # no engine involved
+
+
+def workflow_on_charliecloud(done, engine, since, pid):
+    assert done.stdout == WORKFLOW_STDOUT  # as on Docker
+    assert "6 ran in a container" in done.stderr and "ran in ch-run process" in done.stderr
+    assert containers_created(engine, pid, since) == 0
+
+
+def apptainer_example_on_charliecloud(done, engine, since, pid):
     assert done.stdout == "[2, 4, 6]\n"
+    assert "with charliecloud" in done.stderr
 
 
 def engine_answers(done, engine, since, pid):
@@ -275,7 +362,10 @@ SHELL_CHECKS = {
     "examples/run.sh demo": demo_prints_the_seeds_results,
     "python examples/workflow.py --cache results/": workflow_runs,
     "python -m minipool ps": ps_lists,
-    "python examples/apptainer.py": apptainer_example_without_a_runtime,
+    "python images/build.py --charliecloud": charliecloud_images_made,
+    "python examples/seed_demo.py --runtime charliecloud": seed_demo_on_charliecloud,
+    "python examples/workflow.py --runtime charliecloud": workflow_on_charliecloud,
+    "python examples/apptainer.py --runtime charliecloud": apptainer_example_on_charliecloud,
     "until docker info >/dev/null 2>&1; do sleep 0.5; done": engine_answers,
 }
 
@@ -283,9 +373,11 @@ SHELL_BLOCKS = [(start, code) for start, code in blocks_in("sh") if any(c in SHE
 
 
 @pytest.mark.parametrize("start, code", SHELL_BLOCKS, ids=[f"line{start}" for start, _ in SHELL_BLOCKS])
-def test_shell_block_runs(start, code, images, engine, shell_env):
+def test_shell_block_runs(start, code, images, engine, shell_env, request):
     """The block's commands that can run here, in order, in one scratch directory."""
     env, cwd = shell_env
+    if needs_charliecloud(code):
+        request.getfixturevalue("charliecloud")
     for command in commands(code):
         if command not in SHELL_CHECKS:
             continue
@@ -294,6 +386,7 @@ def test_shell_block_runs(start, code, images, engine, shell_env):
         assert done.returncode == 0, f"README.md line {start}: {command!r} failed:\n{done.stderr}"
         assert "Traceback" not in done.stderr, done.stderr
         SHELL_CHECKS[command](done, engine, since, pid)
+        assert_no_block_left(env)
 
 
 def test_no_engine_is_one_message_naming_the_socket(shell_env):
