@@ -47,12 +47,14 @@ def holds(predicate, seconds, what="condition"):
         time.sleep(0.05)
 
 
-def start_script(code, env_path=(ROOT, TESTS), cwd=None):
-    """Start `code` as a user's script: its functions live in __main__, its stdout is a pipe."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(env_path)}
+def start_script(code, env_path=(ROOT, TESTS), cwd=None, environment=(), new_session=False):
+    """Start `code` as a user's script: its functions live in __main__, its stdout is a pipe.
+    `environment`: variables set for it; new_session: it leads a session and process group
+    of its own, as a shell's job does (a Ctrl-C there is its own)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(env_path), **dict(environment)}
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=new_session,
     )
 
 
