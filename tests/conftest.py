@@ -314,7 +314,6 @@ def any_engine(request, engine):
 # Where the runtime-neutral tests run: the engine API (Docker, Podman) and a runtime
 # run as a command (Charliecloud's ch-run, each block a child process of ours).
 RUNTIMES = ["docker", "podman", "charliecloud"]
-ENGINES = ["docker", "podman"]
 
 
 @pytest.fixture(scope="session")
@@ -527,16 +526,10 @@ def any_runtime(request, runtime_of):
     return runtime_of(request.param)
 
 
-def runtime_cases(cases, engine_only=lambda case: False, name=str):
-    """pytest.params of (runtime, *case) for every runtime and case, the cases for
-    which engine_only is true on the engines alone; for parametrizing any_runtime
-    indirectly along with the case's own arguments."""
-    return [
-        pytest.param(runtime, *case, id=f"{runtime}-{name(case)}")
-        for runtime in RUNTIMES
-        for case in cases
-        if runtime in ENGINES or not engine_only(case)
-    ]
+def runtime_cases(cases, runtimes=lambda case: RUNTIMES, name=str):
+    """pytest.params of (runtime, *case) for each case on each of runtimes(case), for
+    parametrizing any_runtime indirectly along with the case's own arguments."""
+    return [pytest.param(runtime, *case, id=f"{runtime}-{name(case)}") for case in cases for runtime in runtimes(case)]
 
 
 @pytest.fixture(autouse=True)

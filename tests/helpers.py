@@ -183,9 +183,12 @@ def write_text(path, text):
 
 
 def wait_for_blocks(pool, count):
-    """Return once `count` tasks at once run in `count` containers: every block is ready (host side)."""
-    while len({f.result() for f in [pool.submit(block_after, 0.5) for _ in range(count)]}) < count:
-        pass
+    """Once `count` tasks at once run in `count` containers (every block is ready, host
+    side), the blocks they ran in (as block() names them)."""
+    while True:
+        blocks = {f.result() for f in [pool.submit(block_after, 0.5) for _ in range(count)]}
+        if len(blocks) == count:
+            return blocks
 
 
 def noted(path, value):
