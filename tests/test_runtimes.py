@@ -35,8 +35,9 @@ STRINGS = {"environment": ["GREETING=hi there", "LEVEL=3"], "volumes": ["/data:/
 # Checked against each runtime's documentation:
 # - apptainer/singularity exec [options] IMAGE COMMAND: --pwd=DIR (initial working
 #   directory), --env=NAME=VALUE, --bind=SRC:DEST:OPTS with OPTS ro or rw;
-# - shifter --image=TYPE:TAG --workdir=DIR --env=NAME=VALUE --volume=SRC:DEST[:ro] -- COMMAND
-#   (--workdir takes its value only after "="; --env takes one since after 18.03.0);
+# - shifter --image=TYPE:TAG --workdir=DIR --volume=SRC:DEST[:ro] -- COMMAND (--workdir takes
+#   its value only after "="); environment= goes to its process, which Shifter passes on
+#   (its --env=NAME=VALUE came after release 18.03.0, whose --env takes no value);
 # - ch-run --cd=DIR --set-env=NAME=VALUE --bind=SRC:DST IMAGE_DIR -- COMMAND.
 COMMAND_LINES = {
     "apptainer": [
@@ -48,8 +49,7 @@ COMMAND_LINES = {
         "--bind=/data:/data:ro", "--bind=/scratch:/work:rw", "IMAGE",
     ],
     "shifter": [
-        "shifter", "--image=IMAGE", "--workdir=/home", "--env=GREETING=hi there", "--env=LEVEL=3",
-        "--volume=/data:/data:ro", "--volume=/scratch:/work", "--",
+        "shifter", "--image=IMAGE", "--workdir=/home", "--volume=/data:/data:ro", "--volume=/scratch:/work", "--",
     ],
 }
 BARE = {
@@ -104,8 +104,8 @@ def test_the_command_runs_the_bootstrap_with_the_silence_last(runtime, tmp_path)
     launcher = minipool._open_command(runtime, image, "/usr/bin/python3.11", None, environment, None)
     assert launcher.argv[-4:] == ["/usr/bin/python3.11", "-c", worker_stub.BOOTSTRAP, str(minipool._HOST_SILENCE)]
     assert launcher.argv[:-4] == minipool._runtime_argv(runtime, image, None, environment, None)
-    # A Command has no flags for the environment: its process gets it instead.
-    assert launcher.environment == (environment if isinstance(runtime, Command) else {})
+    # A Command, and Shifter, have no flags for the environment: their process gets it instead.
+    assert launcher.environment == (environment if isinstance(runtime, Command) or runtime == "shifter" else {})
 
 
 def test_a_command_is_its_argv_with_the_image_in_place():
@@ -154,52 +154,38 @@ def charliecloud(runtime_of):
     return runtime_of("charliecloud")
 
 
-# (pool arguments, PATH without ch-run, words in the error, the command line it names)
+# (pool arguments, PATH without ch-run, the runtime it names, words in the error, the command line it names)
 STARTUP_FAILURES = {
     "no ch-run on PATH": (
-        {}, True, "cannot run charliecloud's command: No such file or directory: 'ch-run'",
+        {}, True, "charliecloud", "No such file or directory: 'ch-run'. Is it installed and on PATH?",
         "ch-run --cd=/home {image} -- python3 -c",
     ),
     "no such command": (
-        {"runtime": Command(["no-such-runtime", "{image}"])}, False,
-        "cannot run no-such-runtime's command: No such file or directory", "no-such-runtime {image} python3 -c",
+        {"runtime": Command(["no-such-runtime", "{image}"])}, False, "no-such-runtime",
+        "No such file or directory: 'no-such-runtime'", "no-such-runtime {image} python3 -c",
     ),
     "no python in the image": (
-        {"python": "/nonexistent"}, False, "(?s)on charliecloud.*can't execve.*/nonexistent",
+        {"python": "/nonexistent"}, False, "charliecloud", "(?s)can't execve.*/nonexistent",
         "ch-run --cd=/home {image} -- /nonexistent -c",
     ),
     # It reads its stdin (the stub) and answers garbage.
     "garbage on stdout": (
         {"runtime": Command(["sh", "-c", "echo garbage garbage garbage; exec cat >/dev/null", "{image}"])}, False,
-        "bad frame magic", "sh -c 'echo garbage garbage garbage; exec cat >/dev/null' {image} python3 -c",
+        "sh", "bad frame magic", "sh -c 'echo garbage garbage garbage; exec cat >/dev/null' {image} python3 -c",
     ),
-    # It reads nothing and says nothing.
+    # It reads nothing and says nothing: the stub's BOOT, larger than a pipe holds, waits.
     "silent": (
         {"runtime": Command(["sh", "-c", "sleep 5", "{image}"]), "startup_timeout": 1}, False,
-        "did not answer within startup_timeout=1", "sh -c 'sleep 5' {image} python3 -c",
+        "sh", "did not answer within startup_timeout=1", "sh -c 'sleep 5' {image} python3 -c",
     ),
 }
-NO_COMMAND_LINE = "8d8d717: a failed handshake's StartupError names the runtime but not its command line"
-NOT_IN_TIME = (
-    "8d8d717: the stub (BOOT) is written with no deadline; a command that reads no stdin blocks it "
-    "until the command exits, past startup_timeout"
-)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "no ch-run on PATH",
-        "no such command",
-        pytest.param("no python in the image", marks=pytest.mark.xfail(strict=True, reason=NO_COMMAND_LINE)),
-        pytest.param("garbage on stdout", marks=pytest.mark.xfail(strict=True, reason=NO_COMMAND_LINE)),
-        pytest.param("silent", marks=pytest.mark.xfail(strict=True, reason=NOT_IN_TIME)),
-    ],
-)
+@pytest.mark.parametrize("case", STARTUP_FAILURES)
 def test_a_runtime_that_cannot_start_a_block_is_a_startup_error_naming_its_command_line(
     charliecloud, monkeypatch, tmp_path, case
 ):
-    options, no_ch_run, words, command_line = STARTUP_FAILURES[case]
+    options, no_ch_run, runtime, words, command_line = STARTUP_FAILURES[case]
     if no_ch_run:
         monkeypatch.setenv("PATH", str(tmp_path))  # the block's process is looked up on the caller's PATH
     started = time.monotonic()
@@ -207,7 +193,7 @@ def test_a_runtime_that_cannot_start_a_block_is_a_startup_error_naming_its_comma
     with pytest.raises(StartupError, match=words) as info:
         pool.submit(helpers.double, 1).result(DEADLOCK)
     assert time.monotonic() - started < 4, "the error took longer than the start"
-    assert command_line.format(image=charliecloud.image()) in str(info.value)
+    assert f"{runtime} (the command line: {command_line.format(image=charliecloud.image())} ...)" in str(info.value)
 
 
 def test_a_missing_image_directory_is_named_at_once(tmp_path):
@@ -268,11 +254,6 @@ time.sleep(600)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="8d8d717: a busy stub whose caller is gone dies writing its farewell to the caller's stderr "
-    "pipe (BrokenPipeError in host_gone, before os._exit): the block lives until its task ends",
-)
 def test_a_caller_killed_while_tasks_run_leaves_no_process(charliecloud, tmp_path):
     # The blocks' TMPDIRs, which no one is left to remove, go to tmp_path instead of /tmp.
     (tmp_path / "tmp").mkdir()
