@@ -2,8 +2,10 @@
 
 import contextlib
 import faulthandler
+import glob
 import importlib.util
 import itertools
+import json
 import os
 import re
 import shutil
@@ -45,12 +47,14 @@ def holds(predicate, seconds, what="condition"):
         time.sleep(0.05)
 
 
-def start_script(code, env_path=(ROOT, TESTS), cwd=None):
-    """Start `code` as a user's script: its functions live in __main__, its stdout is a pipe."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(env_path)}
+def start_script(code, env_path=(ROOT, TESTS), cwd=None, environment=(), new_session=False):
+    """Start `code` as a user's script: its functions live in __main__, its stdout is a pipe.
+    `environment`: variables set for it; new_session: it leads a session and process group
+    of its own, as a shell's job does (a Ctrl-C there is its own)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(env_path), **dict(environment)}
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=new_session,
     )
 
 
@@ -303,6 +307,229 @@ def any_engine(request, engine):
     client = podman.client()
     yield client, podman.url, podman.container_options
     client.close()
+
+
+# --------------------------------------------------------------------------- runtimes
+
+# Where the runtime-neutral tests run: the engine API (Docker, Podman) and a runtime
+# run as a command (Charliecloud's ch-run, each block a child process of ours).
+RUNTIMES = ["docker", "podman", "charliecloud"]
+
+
+@pytest.fixture(scope="session")
+def charliecloud_images(engine, images):
+    """{image name: Charliecloud image directory} for the seed's images, made as
+    ch-convert makes them (the image's files from a docker export; ch/metadata.json
+    with its WorkingDir) plus an empty /shared, where tests bind a host directory
+    (ch-run binds only onto a path the image has). Removed at the end of the session.
+    Without ch-run the tests skip, except in CI."""
+    if shutil.which("ch-run") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but ch-run is not installed (apt-get install charliecloud-runtime)")
+        pytest.skip("no ch-run (apt-get install charliecloud-runtime)")
+    root = tempfile.mkdtemp(prefix="minipool-charliecloud-", dir="/var/tmp")
+    try:
+        yield {image: _image_directory(engine, image, os.path.join(root, image)) for image in images}
+    finally:
+        shutil.rmtree(root)
+
+
+def _image_directory(engine, image, directory):
+    """docker export of a created container of `image`, untarred into `directory`."""
+    os.mkdir(directory)
+    container_id = engine.api.create_container(image)["Id"]
+    try:
+        untar = subprocess.Popen(["tar", "-x", "-C", directory], stdin=subprocess.PIPE)
+        with untar.stdin:
+            for chunk in engine.api.export(container_id):
+                untar.stdin.write(chunk)
+        assert untar.wait(DEADLOCK) == 0, f"tar could not unpack the export of {image}"
+    finally:
+        engine.api.remove_container(container_id, force=True)
+    os.makedirs(os.path.join(directory, "shared"), exist_ok=True)
+    os.makedirs(os.path.join(directory, "ch"), exist_ok=True)
+    with open(os.path.join(directory, "ch", "metadata.json"), "w") as file:
+        json.dump({"cwd": engine.api.inspect_image(image)["Config"]["WorkingDir"] or "/"}, file)
+    return directory
+
+
+def processes():
+    """(pid, parent pid, session id) of every process, as /proc has them now."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                stat = file.read()
+        except OSError:
+            continue  # it ended meanwhile
+        # The command's name, in parentheses, may hold spaces: the fields start after it.
+        _state, ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
+        found.append((int(entry), int(ppid), int(session)))
+    return found
+
+
+def block_directories():
+    """The block TMPDIRs a command runtime's pools make under this host's temporary directory."""
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "minipool-block-*")))
+
+
+class Runtime:
+    """A runtime as the tests see it. pool(...) is make_pool with the runtime's image
+    and arguments filled in; blocks() lists the ids of the test's blocks there now
+    (in any state); seen_as(id) is what helpers.block_after returns in that block;
+    kill(id) kills it from outside. close() shuts the pools down and proves that
+    nothing of them is left."""
+
+    def __init__(self, name, make_pool, label):
+        self.name = name
+        self._make_pool = make_pool
+        self.label = label
+        self.pools = []
+
+    def image(self, name=APP1):
+        return name
+
+    def options(self):
+        return {}
+
+    def pool(self, image=APP1, **options):
+        options = {**self.options(), **options}
+        pool = self._make_pool(self.image(image), **options)
+        self.pools.append(pool)
+        return pool
+
+    def close(self):
+        for pool in self.pools:
+            started = time.monotonic()
+            pool.shutdown(wait=True, cancel_futures=True)
+            assert time.monotonic() - started < 15, "shutdown was not quick"
+
+
+class EngineRuntime(Runtime):
+    """Docker's engine, or a Podman service, through the engine API: a block is a container."""
+
+    def __init__(self, name, make_pool, label, client, url, container_options):
+        super().__init__(name, make_pool, label)
+        self.client = client
+        self.url = url
+        self.container_options = container_options
+
+    def options(self):
+        return {"engine": self.url}
+
+    def pool(self, image=APP1, **options):
+        # Podman's own options (its ulimits) under the test's.
+        options["container_options"] = {**self.container_options, **options.get("container_options", {})}
+        return super().pool(image, **options)
+
+    def blocks(self):
+        return containers_labelled(self.client, self.label)
+
+    def seen_as(self, block):
+        return block[:12]  # the container's hostname
+
+    def kill(self, block):
+        self.client.api.kill(block)
+
+    def close(self):
+        super().close()
+        if self.url is not None:  # Docker's own: the label fixture looks there
+            try:
+                assert_none_left(self.client, self.label)
+            finally:
+                self.client.close()
+
+
+class CommandRuntime(Runtime):
+    """A runtime run as a command (ch-run): a block is a child process of the test's,
+    in a session of its own, whose pid is the block's id."""
+
+    def __init__(self, name, make_pool, label, images):
+        super().__init__(name, make_pool, label)
+        self.images = images
+        # Children of ours from before (a Podman service, dockerd) are no blocks.
+        self.before = {pid for pid, ppid, _ in processes() if ppid == os.getpid()}
+        self.directories = block_directories()
+        self.sessions = set()  # of every block seen: no process may be left in one
+
+    def image(self, name=APP1):
+        return self.images[name]
+
+    def options(self):
+        return {"runtime": self.name}
+
+    def blocks(self):
+        found = [
+            pid for pid, ppid, session in processes()
+            if ppid == os.getpid() and session == pid and pid not in self.before
+        ]
+        self.sessions.update(found)
+        return [str(pid) for pid in found]
+
+    def seen_as(self, block):
+        return block  # the pid of the block's process: the task's session id
+
+    def kill(self, block):
+        os.kill(int(block), signal.SIGKILL)
+
+    def left(self):
+        """Processes of ours or of a block's session, block TMPDIRs: what must not outlive the pools."""
+        processes_left = {
+            pid for pid, ppid, session in processes()
+            if (ppid == os.getpid() and pid not in self.before) or session in self.sessions
+        }
+        return processes_left, block_directories() - self.directories
+
+    def close(self):
+        self.blocks()  # their sessions, before they go
+        super().close()
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: self.left() == (set(), set()), timeout=15, what="the blocks' processes to go")
+        pids, directories = self.left()
+        for pid in pids:  # not left for the tests after this one
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
+        assert not pids, f"processes left behind: {sorted(pids)}"
+        assert not directories, f"block directories left behind: {sorted(directories)}"
+
+
+@pytest.fixture
+def runtime_of(request, make_pool, label):
+    """runtime_of(name): a Runtime for one of RUNTIMES. At teardown its pools are shut
+    down and what they leave fails the test (the label fixture checks Docker after)."""
+    made = []
+
+    def get(name):
+        if name == "docker":
+            runtime = EngineRuntime(name, make_pool, label, request.getfixturevalue("engine"), None, {})
+        elif name == "podman":
+            podman = request.getfixturevalue("podman")
+            runtime = EngineRuntime(name, make_pool, label, podman.client(), podman.url, podman.container_options)
+        else:
+            runtime = CommandRuntime(name, make_pool, label, request.getfixturevalue("charliecloud_images"))
+        made.append(runtime)
+        return runtime
+
+    yield get
+    for runtime in made:
+        runtime.close()
+
+
+@pytest.fixture(params=RUNTIMES)
+def any_runtime(request, runtime_of):
+    """Each of RUNTIMES in turn; a test that needs a case on some only parametrizes
+    it indirectly (see runtime_cases)."""
+    return runtime_of(request.param)
+
+
+def runtime_cases(cases, runtimes=lambda case: RUNTIMES, name=str):
+    """pytest.params of (runtime, *case) for each case on each of runtimes(case), for
+    parametrizing any_runtime indirectly along with the case's own arguments."""
+    return [pytest.param(runtime, *case, id=f"{runtime}-{name(case)}") for case in cases for runtime in runtimes(case)]
 
 
 @pytest.fixture(autouse=True)

@@ -113,6 +113,19 @@ def hostname_after(seconds):
     return socket.gethostname()
 
 
+def block():
+    """Which block the task runs in: its container's hostname (the short id Docker and
+    Podman give it); under ch-run, which keeps the host's hostname and pids, the pid
+    of the block's process, the session leader of every process in the block."""
+    return str(os.getsid(0)) if "CH_RUNNING" in os.environ else socket.gethostname()
+
+
+def block_after(seconds):
+    """Which block ran the task (see block), after a while."""
+    time.sleep(seconds)
+    return block()
+
+
 def corrupt_channel():
     """Write garbage on the stub's private protocol descriptor.
 
@@ -170,9 +183,12 @@ def write_text(path, text):
 
 
 def wait_for_blocks(pool, count):
-    """Return once `count` tasks at once run in `count` containers: every block is ready (host side)."""
-    while len({f.result() for f in [pool.submit(hostname_after, 0.5) for _ in range(count)]}) < count:
-        pass
+    """Once `count` tasks at once run in `count` containers (every block is ready, host
+    side), the blocks they ran in (as block() names them)."""
+    while True:
+        blocks = {f.result() for f in [pool.submit(block_after, 0.5) for _ in range(count)]}
+        if len(blocks) == count:
+            return blocks
 
 
 def noted(path, value):

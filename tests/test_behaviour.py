@@ -9,7 +9,7 @@ import pytest
 
 import helpers
 from conftest import DEADLOCK
-from conftest import assert_none_left
+from conftest import RUNTIMES
 from conftest import wait_until
 
 # A host directory and its path as the executor's tasks see it: what they leave there
@@ -17,27 +17,14 @@ from conftest import wait_until
 Shared = collections.namedtuple("Shared", "host task")
 
 
-@pytest.fixture(params=["threads", "containers", "podman"])
+@pytest.fixture(params=["threads", *RUNTIMES])
 def executor(request, tmp_path):
-    volumes = {str(tmp_path): {"bind": "/shared", "mode": "rw"}}
     if request.param == "threads":
         with cf.ThreadPoolExecutor(2) as pool:
             yield pool
-    elif request.param == "containers":
-        yield request.getfixturevalue("make_pool")(blocks=2, volumes=volumes)
     else:
-        podman = request.getfixturevalue("podman")
-        make_pool = request.getfixturevalue("make_pool")
-        pool = make_pool(blocks=2, engine=podman.url, container_options=podman.container_options, volumes=volumes)
-        yield pool
-        # The label fixture looks only at the Docker engine, and after this: shut the pool
-        # down here (make_pool's shutdown is then a no-op) and look at Podman's side.
-        pool.shutdown(wait=True, cancel_futures=True)
-        client = podman.client()
-        try:
-            assert_none_left(client, request.getfixturevalue("label"))
-        finally:
-            client.close()
+        runtime = request.getfixturevalue("runtime_of")(request.param)
+        yield runtime.pool(blocks=2, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
 
 
 @pytest.fixture

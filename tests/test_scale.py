@@ -91,41 +91,41 @@ def test_an_engine_that_stops_loses_no_result(second_engine, second_client, engi
 # --------------------------------------------------------------------------- elastic blocks
 
 
-def test_blocks_are_added_while_work_waits(make_pool, engine, label):
-    pool = make_pool(blocks=1, max_blocks=4)
+def test_blocks_are_added_while_work_waits(any_runtime):
+    pool = any_runtime.pool(blocks=1, max_blocks=4)
     futures = [pool.submit(helpers.sleep_then, 1, i) for i in range(12)]
-    wait_until(lambda: len(containers_labelled(engine, label)) == 4, what="four blocks")
+    wait_until(lambda: len(any_runtime.blocks()) == 4, what="four blocks")
     assert [f.result(DEADLOCK) for f in futures] == list(range(12))
-    assert len(containers_labelled(engine, label)) == 4, "more blocks than max_blocks"
+    assert len(any_runtime.blocks()) == 4, "more blocks than max_blocks"
 
 
-def test_a_block_with_free_worker_processes_takes_work_before_a_new_block(make_pool, engine, label):
-    pool = make_pool(blocks=1, max_blocks=4, workers_per_block=3)
+def test_a_block_with_free_worker_processes_takes_work_before_a_new_block(any_runtime):
+    pool = any_runtime.pool(blocks=1, max_blocks=4, workers_per_block=3)
     helpers.wait_for_blocks(pool, 1)
     futures = [pool.submit(helpers.sleep_then, 1, i) for i in range(3)]
     assert [f.result(DEADLOCK) for f in futures] == list(range(3))
-    assert len(containers_labelled(engine, label)) == 1
+    assert len(any_runtime.blocks()) == 1
 
 
-def test_idle_blocks_are_removed_down_to_min_blocks(make_pool, engine, label):
-    pool = make_pool(blocks=3, min_blocks=1, idle_timeout=1)
+def test_idle_blocks_are_removed_down_to_min_blocks(any_runtime):
+    pool = any_runtime.pool(blocks=3, min_blocks=1, idle_timeout=1)
     assert list(pool.map(helpers.sleep_then, [0.5] * 6, range(6))) == list(range(6))
-    wait_until(lambda: len(containers_labelled(engine, label)) <= 1, what="idle blocks to go")
-    kept = containers_labelled(engine, label)
+    wait_until(lambda: len(any_runtime.blocks()) <= 1, what="idle blocks to go")
+    kept = any_runtime.blocks()
     assert len(kept) == 1, "fewer blocks than min_blocks"
     # Nothing announces that a block stays: the same container, looked at all through
     # twice idle_timeout (a block retired and started again would change it).
-    holds(lambda: containers_labelled(engine, label) == kept, 2, what="the min_blocks container")
-    assert pool.submit(helpers.hostname_after, 0).result(DEADLOCK) == kept[0][:12]
+    holds(lambda: any_runtime.blocks() == kept, 2, what="the min_blocks container")
+    assert pool.submit(helpers.block).result(DEADLOCK) == any_runtime.seen_as(kept[0])
 
 
-def test_a_pool_scales_from_zero_and_back(make_pool, engine, label):
-    pool = make_pool(blocks=0, max_blocks=2, idle_timeout=0.5)
-    assert not containers_labelled(engine, label)
+def test_a_pool_scales_from_zero_and_back(any_runtime):
+    pool = any_runtime.pool(blocks=0, max_blocks=2, idle_timeout=0.5)
+    assert not any_runtime.blocks()
     for round in range(2):
         futures = [pool.submit(helpers.sleep_then, 0.5, i) for i in range(4)]
         assert [f.result(DEADLOCK) for f in futures] == list(range(4)), f"round {round}"
-        wait_until(lambda: not containers_labelled(engine, label), what="every idle block to go")
+        wait_until(lambda: not any_runtime.blocks(), what="every idle block to go")
 
 
 def test_a_block_never_retires_while_its_lost_task_waits_for_its_retry(make_pool):

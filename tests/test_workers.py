@@ -13,15 +13,15 @@ from conftest import wait_until
 from minipool import WorkerLost
 
 
-def test_one_container_runs_tasks_in_several_processes(make_pool, engine, label):
-    pool = make_pool(workers_per_block=3)
+def test_one_container_runs_tasks_in_several_processes(any_runtime):
+    pool = any_runtime.pool(workers_per_block=3)
     pids = set(pool.map(helpers.pid_after, [0.3] * 9))
     assert len(pids) == 3
-    assert len(containers_labelled(engine, label)) == 1
+    assert len(any_runtime.blocks()) == 1
 
 
-def test_a_dying_worker_process_loses_its_task_only_and_the_container_stays(make_pool, engine, label):
-    pool = make_pool(workers_per_block=2)
+def test_a_dying_worker_process_loses_its_task_only_and_the_container_stays(any_runtime):
+    pool = any_runtime.pool(workers_per_block=2)
     slow = pool.submit(helpers.sleep_then, 1, "slow")
     doomed = pool.submit(helpers.kill_self)
     with pytest.raises(WorkerLost, match=r"a worker process in container \w+ died") as info:
@@ -29,11 +29,11 @@ def test_a_dying_worker_process_loses_its_task_only_and_the_container_stays(make
     assert info.value.exit_code == 128 + signal.SIGKILL
     assert slow.result(DEADLOCK) == "slow"
     assert list(pool.map(helpers.double, range(10))) == [2 * i for i in range(10)]
-    assert containers_labelled(engine, label) == [info.value.container_id]
+    assert any_runtime.blocks() == [info.value.container_id]
 
 
-def test_a_lost_process_task_is_retried(make_pool, tmp_path):
-    pool = make_pool(workers_per_block=2, retries=1, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
+def test_a_lost_process_task_is_retried(any_runtime, tmp_path):
+    pool = any_runtime.pool(workers_per_block=2, retries=1, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
     assert pool.submit(helpers.die_once, "/shared/marker").result(DEADLOCK) == "second time lucky"
 
 
