@@ -45,6 +45,7 @@ import dataclasses
 import difflib
 import functools
 import getpass
+import glob
 import hashlib
 import importlib
 import io
@@ -712,7 +713,7 @@ class _Command(_Placement):
     def start(self, settings: _Settings) -> _Container:
         # The bootstrap unpacks the stub under TMPDIR. Apptainer and Charliecloud share
         # the host's /tmp, so each process gets a directory of its own, removed with it.
-        tmpdir = tempfile.mkdtemp(prefix="minipool-block-")
+        tmpdir = tempfile.mkdtemp(prefix=f"{_BLOCK_DIR}{os.getpid()}-")
         # These runtimes pass the caller's environment into the image; the caller's
         # PYTHONPATH or PYTHONHOME would point the image's Python at the host's modules.
         inherited = {name: value for name, value in os.environ.items() if not name.startswith("PYTHON")}
@@ -767,6 +768,20 @@ class _Command(_Placement):
 _Launcher = Union[_Engine, _Command]
 
 
+# A command runtime's block directory: TMPDIR of its process, named after the caller.
+_BLOCK_DIR = "minipool-block-"
+
+
+def _sweep_block_dirs() -> None:
+    """Remove the block directories that dead callers left in this host's temporary
+    directory: a caller killed with SIGKILL cannot remove its own."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_BLOCK_DIR}*-*")):
+        owner = os.path.basename(path)[len(_BLOCK_DIR) :].split("-")[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            _logger.info("removing %s, whose owner is gone", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _worker_command(python: str) -> list[str]:
     """What runs in every container: the bootstrap, which gets the stub over stdin."""
     return [python, "-c", _stub.BOOTSTRAP, str(_HOST_SILENCE)]
@@ -782,6 +797,7 @@ def _open_command(
             f"Charliecloud's image is a directory, and {image!r} is none: make one with "
             f"ch-convert IMAGE {image}, or untar a docker export of the image there"
         )
+    _sweep_block_dirs()
     # A Command has no flags of ours, nor has Shifter for it: the process gets the environment itself.
     variables = dict(_pairs(environment)) if isinstance(runtime, Command) or runtime == "shifter" else {}
     return _Command(runtime if isinstance(runtime, str) else argv[0], argv, variables)
@@ -834,13 +850,18 @@ def _owner(labels: Mapping[str, str]) -> str:
     pid = labels.get("minipool.pid", "")
     if labels.get("minipool.host") != socket.gethostname() or not pid.isdigit():
         return "unknown"
+    return "alive" if _alive(int(pid)) else "gone"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host is alive."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return "gone"
+        return False
     except PermissionError:  # alive, someone else's
         pass
-    return "alive"
+    return True
 
 
 def _sweep_orphans(engine: _Engine) -> None:

@@ -7,6 +7,7 @@ through conftest's any_runtime; this file holds what only a command runtime has.
 
 import os
 import signal
+import tempfile
 import time
 
 import pytest
@@ -254,8 +255,8 @@ time.sleep(600)
 """
 
 
-def test_a_caller_killed_while_tasks_run_leaves_no_process(charliecloud, tmp_path):
-    # The blocks' TMPDIRs, which no one is left to remove, go to tmp_path instead of /tmp.
+def test_a_caller_killed_while_tasks_run_leaves_no_process(charliecloud, tmp_path, monkeypatch):
+    # The blocks' TMPDIRs, which the killed caller cannot remove, go to tmp_path instead of /tmp.
     (tmp_path / "tmp").mkdir()
     code = KILLED_CALLER.format(image=charliecloud.image())
     process = start_script(code, environment={"TMPDIR": str(tmp_path / "tmp")})
@@ -267,6 +268,11 @@ def test_a_caller_killed_while_tasks_run_leaves_no_process(charliecloud, tmp_pat
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=DEADLOCK)
         wait_until(lambda: not in_sessions(sessions), timeout=5, what="the killed caller's blocks to go")
+        assert len(list((tmp_path / "tmp").iterdir())) == 2
+        # The next pool on this host removes the block directories the dead caller left.
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+        with ContainerPoolExecutor(charliecloud.image(), runtime="charliecloud", blocks=0):
+            assert not list((tmp_path / "tmp").iterdir())
     finally:
         process.kill()
         process.communicate()
