@@ -323,10 +323,7 @@ def charliecloud_images(engine, images):
     with its WorkingDir) plus an empty /shared, where tests bind a host directory
     (ch-run binds only onto a path the image has). Removed at the end of the session.
     Without ch-run the tests skip, except in CI."""
-    if shutil.which("ch-run") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but ch-run is not installed (apt-get install charliecloud-runtime)")
-        pytest.skip("no ch-run (apt-get install charliecloud-runtime)")
+    require_ch_run()
     root = tempfile.mkdtemp(prefix="minipool-charliecloud-", dir="/var/tmp")
     try:
         yield {image: _image_directory(engine, image, os.path.join(root, image)) for image in images}
@@ -351,6 +348,27 @@ def _image_directory(engine, image, directory):
     with open(os.path.join(directory, "ch", "metadata.json"), "w") as file:
         json.dump({"cwd": engine.api.inspect_image(image)["Config"]["WorkingDir"] or "/"}, file)
     return directory
+
+
+def require_ch_run():
+    """Skip the test without Charliecloud's ch-run, or fail it in CI."""
+    if shutil.which("ch-run") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but ch-run is not installed (apt-get install charliecloud-runtime)")
+        pytest.skip("no ch-run here (as root on Debian: apt-get install charliecloud-runtime)")
+
+
+def processes_using(directory):
+    """Pids of the processes whose environment names `directory` (a TMPDIR, say)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if os.fsencode(directory) in environ.read():
+                    found.append(int(pid))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 def processes():

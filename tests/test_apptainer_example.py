@@ -11,7 +11,6 @@ where they fail.
 import importlib.util
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 
@@ -20,6 +19,8 @@ import pytest
 import minipool
 from conftest import DEADLOCK
 from conftest import ROOT
+from conftest import processes_using
+from conftest import require_ch_run
 from conftest import wait_until
 
 EXAMPLE = os.path.join(ROOT, "examples", "apptainer.py")
@@ -41,24 +42,8 @@ build = load("build", os.path.join(ROOT, "images", "build.py"))
 @pytest.fixture(scope="module")
 def charliecloud_image(engine, images):
     """The Charliecloud image directory of app1_v0.1 (images/charliecloud/, made if missing)."""
-    if shutil.which("ch-run") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but ch-run is not installed (apt-get install charliecloud-runtime)")
-        pytest.skip("no ch-run here (as root on Debian: apt-get install charliecloud-runtime)")
+    require_ch_run()
     return str(build.ensure_charliecloud_images(client=engine, log=lambda line: None)["app1_v0.1"])
-
-
-def processes_using(directory):
-    """Pids of the processes whose environment names `directory` (the blocks' TMPDIR is in it)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as environ:
-                if os.fsencode(directory) in environ.read():
-                    found.append(int(pid))
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return found
 
 
 def run_example(tmp_path, *arguments, path=None):

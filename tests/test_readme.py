@@ -16,7 +16,6 @@ import importlib.util
 import inspect
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import pytest
 
 from conftest import DEADLOCK
 from conftest import ROOT
+from conftest import processes_using
+from conftest import require_ch_run
 from conftest import wait_until
 from minipool import ContainerPoolExecutor
 
@@ -112,29 +113,13 @@ def needs_charliecloud(code):
 def charliecloud(request):
     """ch-run and the image directories of app1_v0.1 and app2_v0.1 (images/charliecloud/,
     made if missing); skip without ch-run, except in CI."""
-    if shutil.which("ch-run") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but ch-run is not installed (apt-get install charliecloud-runtime)")
-        pytest.skip("no ch-run here (as root on Debian: apt-get install charliecloud-runtime)")
+    require_ch_run()
     engine = request.getfixturevalue("engine")
     request.getfixturevalue("images")
     spec = importlib.util.spec_from_file_location("build", os.path.join(ROOT, "images", "build.py"))
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     return build.ensure_charliecloud_images(client=engine, log=lambda line: None)
-
-
-def processes_using(directory):
-    """Pids of the processes whose environment names `directory`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as environ:
-                if os.fsencode(directory) in environ.read():
-                    found.append(int(pid))
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return found
 
 
 def assert_no_block_left(env):
