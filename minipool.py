@@ -48,7 +48,6 @@ import getpass
 import glob
 import hashlib
 import importlib
-import io
 import itertools
 import json
 import logging
@@ -66,7 +65,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -885,26 +883,31 @@ def _sweep_orphans(engine: _Engine) -> None:
                 _remove_container(engine.api, container["Id"])
 
 
-def _tar_entry(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    """Readable by any user the container runs as; no bytecode caches."""
-    if "__pycache__" in info.name or info.name.endswith(".pyc"):
-        return None
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.mode |= 0o555 if info.isdir() else 0o444
-    return info
-
-
 def _stub_archive(ship: Sequence[str]) -> bytes:
-    """The BOOT tar sent to every container: the stub, cloudpickle, the shipped code."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        tar.add(_stub.__file__, arcname="worker_stub.py", filter=_tar_entry)
-        if cloudpickle is not None:
-            tar.add(os.path.dirname(cloudpickle.__file__), arcname="lib/cloudpickle", filter=_tar_entry)
-        for path in ship:
-            tar.add(path, arcname=f"ship/{os.path.basename(os.path.normpath(path))}", filter=_tar_entry)
-    return buffer.getvalue()
+    """BOOT's payload, sent to every container: the stub, cloudpickle and the shipped
+    code, each file as worker_stub.BOOT_FILE (no bytecode caches)."""
+    files = [(_stub.__file__, "worker_stub.py")]
+    trees = [(path, f"ship/{os.path.basename(os.path.normpath(path))}") for path in ship]
+    if cloudpickle is not None:
+        trees.insert(0, (os.path.dirname(cloudpickle.__file__), "lib/cloudpickle"))
+    for path, name in trees:
+        if not os.path.isdir(path):
+            files.append((path, name))
+            continue
+        for folder, folders, names in os.walk(path):
+            folders[:] = sorted(each for each in folders if each != "__pycache__")
+            where = os.path.relpath(folder, path)
+            files += [
+                (os.path.join(folder, each), os.path.normpath(os.path.join(name, where, each)))
+                for each in sorted(names) if not each.endswith(".pyc")
+            ]
+    archive = bytearray()
+    for path, name in files:
+        with open(path, "rb") as file:
+            data = file.read()
+        encoded = name.encode()
+        archive += _stub.BOOT_FILE.pack(len(encoded), len(data)) + encoded + data
+    return bytes(archive)
 
 
 def _raw_socket(attached: Any) -> socket.socket:

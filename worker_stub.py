@@ -39,7 +39,6 @@ import select
 import signal
 import struct
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -56,7 +55,7 @@ LARGE = 1 << 20
 IOV_MAX = 1024
 
 # Message kinds. Host to stub:
-BOOT = 8  # tar of worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules)
+BOOT = 8  # worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules), each file as BOOT_FILE
 HELLO = 1  # JSON: {"python": [major, minor], "cloudpickle": bool, "max_message_size": n, "workers": n,
 #                   "silence": seconds}
 CALL = 2  # pickle of (fn, args, kwargs)
@@ -77,13 +76,18 @@ OUTPUT_LIMIT = 1 << 20
 DIAGNOSTICS = 2
 
 
+# A file in BOOT's payload: the length of its path, its size, then the path (UTF-8,
+# relative) and its bytes. Simpler than a tar, whose module (with shutil and
+# tempfile) took most of a block's start.
+BOOT_FILE = struct.Struct(">HI")
+
 # The container's command: `python3 -c BOOTSTRAP SILENCE`. The stub arrives over
 # stdin rather than by the engine's put_archive, which a read-only root filesystem
 # refuses; the bootstrap writes only to a new temporary directory. It gives up if
 # the host sends nothing for SILENCE seconds (a host killed or frozen as it
 # started the container, on an engine that ignores StdinOnce).
 BOOTSTRAP = """
-import io, os, select, struct, sys, tarfile, tempfile
+import os, select, struct, sys
 silence = float(sys.argv[1]) if len(sys.argv) > 1 else None
 def read(size):
     data = bytearray(size)
@@ -99,12 +103,34 @@ def read(size):
 magic, version, kind, _, size = struct.unpack(%r, read(%d))
 if (magic, version, kind) != (%d, %d, %d):
     sys.exit("minipool bootstrap: expected the worker archive, got %%r" %% ((magic, version, kind),))
-home = tempfile.mkdtemp(prefix="minipool-")
-safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-tarfile.open(fileobj=io.BytesIO(read(size))).extractall(home, **safe)
+archive = read(size)
+home = None
+for base in (os.environ.get("TMPDIR"), "/tmp", "/var/tmp", "/usr/tmp", os.getcwd()):
+    try:
+        home = os.path.join(base, "minipool-" + os.urandom(6).hex())
+        os.mkdir(home, 0o700)
+        break
+    except (OSError, TypeError):
+        home = None
+if home is None:
+    sys.exit("minipool bootstrap: no writable temporary directory (TMPDIR, /tmp, /var/tmp or here)")
+at = 0
+while at < len(archive):
+    name_size, file_size = struct.unpack_from(%r, archive, at)
+    at += %d
+    name = archive[at:at + name_size].decode()
+    at += name_size
+    if name.startswith("/") or ".." in name.split("/"):
+        sys.exit("minipool bootstrap: a path outside its directory in the archive: %%r" %% name)
+    path = os.path.join(home, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as file:
+        file.write(archive[at:at + file_size])
+    at += file_size
+del archive
 import runpy
 runpy.run_path(os.path.join(home, "worker_stub.py"), run_name="__main__")
-""" % (HEADER.format, HEADER.size, MAGIC, VERSION, BOOT)
+""" % (HEADER.format, HEADER.size, MAGIC, VERSION, BOOT, BOOT_FILE.format, BOOT_FILE.size)
 
 
 # --------------------------------------------------------------------------- wire protocol
@@ -551,6 +577,8 @@ class Workers:
     IDLE, WRITING = 0, 1
 
     def __init__(self, count, channel_out, run):
+        import tempfile  # here: it takes a third of the stub's start, and one worker needs none
+
         self.writev = functools.partial(os.writev, channel_out)
         self.run = run
         # Kept open for life; fcntl locks are per process, so it excludes workers from each other.
