@@ -1,12 +1,12 @@
 """minipool's worker: the program that runs inside every container of a pool.
 
 The container's command is `python3 -c BOOTSTRAP`: the host sends this file,
-cloudpickle and the user's shipped code as a tar over stdin (BOOT), the bootstrap
+cloudpickle and the user's shipped code over stdin (BOOT, a file after another), the bootstrap
 unpacks it into a new temporary directory and runs this file from there. It then
 speaks minipool's wire protocol on its own stdin/stdout, which the engine's
 attach connection ties to the host:
 
-    host ── BOOT ──►   bootstrap       (a tar: this file, lib/cloudpickle, ship/...)
+    host ── BOOT ──►   bootstrap       (files: this one, lib/cloudpickle, ship/...)
     host ── HELLO ──►  stub            (the host speaks first)
     host ◄── READY ──  stub            (Python version, pickle protocol, pid)
     host ── CALL/CHUNK(task id) ──►    stub runs fn(*args, **kwargs) in its main thread
