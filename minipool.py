@@ -742,6 +742,9 @@ class _Command(_Placement):
 
     def release(self, container: _Container) -> None:
         assert isinstance(container.channel, _PipeChannel)
+        # Its stderr thread reads until the end of the pipe: closed under it, the pipe's
+        # descriptor could be reused by another file and read from.
+        container.channel.drain_stderr(1.0)
         container.channel.close()
         shutil.rmtree(container.channel.tmpdir, ignore_errors=True)
 
