@@ -278,10 +278,10 @@ class _WorkItem:
         """Log and keep what the task wrote (by its container's reader thread)."""
         if self.output is None:
             self.output = bytearray()
-        if self.lines is None:
-            self.lines = _Lines(container, "the task's output", _stub.OUTPUT_LIMIT)
+        # Read once: the block thread may end the attempt (keep_output) meanwhile.
+        lines = self.lines = self.lines or _Lines(container, "the task's output", _stub.OUTPUT_LIMIT)
         self.output += data[: _stub.OUTPUT_LIMIT - len(self.output)]
-        self.lines.feed(data)
+        lines.feed(data)
 
     def keep_output(self) -> None:
         """The attempt is over: make what the task wrote available to output()."""
@@ -711,7 +711,7 @@ class _Command(_Placement):
     def start(self, settings: _Settings) -> _Container:
         # The bootstrap unpacks the stub under TMPDIR. Apptainer and Charliecloud share
         # the host's /tmp, so each process gets a directory of its own, removed with it.
-        tmpdir = tempfile.mkdtemp(prefix=f"{_BLOCK_DIR}{os.getpid()}-")
+        tmpdir = tempfile.mkdtemp(prefix=f"{_BLOCK_DIR}{socket.gethostname()}-{os.getpid()}-")
         # These runtimes pass the caller's environment into the image; the caller's
         # PYTHONPATH or PYTHONHOME would point the image's Python at the host's modules.
         inherited = {name: value for name, value in os.environ.items() if not name.startswith("PYTHON")}
@@ -732,13 +732,15 @@ class _Command(_Placement):
         return _Container(str(process.pid), channel, self)
 
     def kill(self, container: _Container, how: signal.Signals) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(self._process(container).pid, how)
+        _kill_group(self._process(container), how)
 
     def remove(self, container: _Container) -> None:
         """Kill the process and whatever it started, and reap it."""
         self.kill(container, signal.SIGKILL)
-        self._process(container).wait()
+        try:
+            self._process(container).wait(_EXIT_GRACE)
+        except subprocess.TimeoutExpired:  # stuck in the kernel (a hung file system, say)
+            _logger.warning("process %s of %s did not end after SIGKILL", container.short_id, self.name)
 
     def release(self, container: _Container) -> None:
         assert isinstance(container.channel, _PipeChannel)
@@ -769,16 +771,25 @@ class _Command(_Placement):
 _Launcher = Union[_Engine, _Command]
 
 
-# A command runtime's block directory: TMPDIR of its process, named after the caller.
+def _kill_group(process: subprocess.Popen, how: signal.Signals) -> None:
+    """Signal the process's group (its session), unless it was reaped: its pid may be another's now."""
+    if process.returncode is None:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, how)
+
+
+# A command runtime's block directory: TMPDIR of its process, named after the caller
+# (minipool-block-HOST-PID-RANDOM; mkdtemp's random part has no "-").
 _BLOCK_DIR = "minipool-block-"
 
 
 def _sweep_block_dirs() -> None:
-    """Remove the block directories that dead callers left in this host's temporary
-    directory: a caller killed with SIGKILL cannot remove its own."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_BLOCK_DIR}*-*")):
-        owner = os.path.basename(path)[len(_BLOCK_DIR) :].split("-")[0]
-        if owner.isdigit() and not _alive(int(owner)):
+    """Remove the block directories that dead callers on this host left in the
+    temporary directory (which other hosts may share): a caller killed with SIGKILL
+    cannot remove its own."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_BLOCK_DIR}*-*-*")):
+        host, pid, _ = os.path.basename(path)[len(_BLOCK_DIR) :].rsplit("-", 2)
+        if _owner({"minipool.host": host, "minipool.pid": pid}) == "gone":
             _logger.info("removing %s, whose owner is gone", path)
             shutil.rmtree(path, ignore_errors=True)
 
@@ -954,7 +965,7 @@ def _describe_exit(exit_code: int | None, oom_killed: bool) -> str:
     if oom_killed:
         return f"exit code {exit_code}: killed for using more memory than its limit (mem_limit); raise the limit"
     if exit_code is None:
-        return "exit code unknown: the engine did not report it"
+        return "exit code unknown: its engine or runtime did not report it in time"
     if exit_code > 128:
         with contextlib.suppress(ValueError):
             return f"exit code {exit_code}: killed by {signal.Signals(exit_code - 128).name}"
@@ -1129,10 +1140,10 @@ class _PipeChannel:
 
     def listen(self, on_stderr: Callable[[bytearray], None]) -> None:
         def forward() -> None:
-            assert self.process.stderr is not None
-            fd = self.process.stderr.fileno()
-            with contextlib.suppress(OSError, ValueError):  # closed by close()
-                while data := os.read(fd, 1 << 16):
+            stderr = self.process.stderr
+            assert stderr is not None
+            with contextlib.suppress(OSError, ValueError):  # ValueError: closed by close()
+                while data := stderr.read(1 << 16):
                     on_stderr(bytearray(data))
 
         self._stderr = threading.Thread(target=forward, name=f"{self.name}-stderr", daemon=True)
@@ -1147,10 +1158,12 @@ class _PipeChannel:
         self._deadline = deadline
 
     def hang_up(self) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        _kill_group(self.process, signal.SIGKILL)
 
     def close(self) -> None:
+        # A late keepalive or read then fails (EBADF) instead of reaching whatever file
+        # is given the closed descriptors' numbers next.
+        self._stdin = self._stdout = -1
         for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
             with contextlib.suppress(OSError):
                 assert pipe is not None
@@ -1394,14 +1407,13 @@ class _Starter:
             deadline = time.monotonic() + self._settings.startup_timeout
             self._check_ready(container.handshake(self._settings.archive, self._hello, deadline))
         except BaseException as exc:
-            error: BaseException = exc
-            if isinstance(exc, Exception) and not isinstance(exc, StartupError):
-                error = self._handshake_error(exc, container)
-            launcher.remove(container)
-            launcher.release(container)
-            if error is exc:
-                raise
-            raise error from _bare(exc)
+            try:
+                if not isinstance(exc, Exception) or isinstance(exc, StartupError):
+                    raise
+                raise self._handshake_error(exc, container) from _bare(exc)
+            finally:
+                launcher.remove(container)
+                launcher.release(container)
         with self._lock:
             self._ever_ready = True
         return container
@@ -2733,7 +2745,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 def _on_engine(url: str | None, command: str, remove_all: bool) -> bool:
     """List (ps) or remove (cleanup) our containers on one engine; True if anything failed."""
-    where = url or os.environ.get("DOCKER_HOST", "the default socket")
+    where = url or _default_engine()
     try:
         client = docker.from_env() if url is None else docker.DockerClient(base_url=url)
     except (docker.errors.DockerException, OSError) as exc:

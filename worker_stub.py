@@ -352,12 +352,15 @@ def describe_exception(exc, dumps, max_size):
         message = "<str() of the exception failed>"
     payload = raised(name, message, text, pickled(exc, dumps))
     if len(payload) > max_size:
-        # Characters kept of each part: UTF-8 takes at most 4 bytes a character.
+        # Characters kept of each part: UTF-8 takes at most 4 bytes a character. What
+        # is short stays whole: the size may be the pickle's alone (an attribute's data).
         keep = max_size // 32
-        message = "%s ... [truncated: the exception pickles to %d bytes, over max_message_size=%d]" % (
-            message[:keep], len(payload), max_size,
-        )
-        text = "%s\n... [truncated] ...\n%s" % (text[:keep], text[-keep:])
+        if len(message) > keep:
+            message = "%s ... [truncated: the exception pickles to %d bytes, over max_message_size=%d]" % (
+                message[:keep], len(payload), max_size,
+            )
+        if len(text) > 2 * keep:
+            text = "%s\n... [truncated] ...\n%s" % (text[:keep], text[-keep:])
         try:
             short = pickled(type(exc)(message), dumps)
         except BaseException:
