@@ -1,6 +1,5 @@
 """What only a container pool does: images, shipping code, crashes, startup, cleanup."""
 
-import collections
 import concurrent.futures as cf
 import functools
 import io
@@ -21,6 +20,7 @@ from conftest import DEADLOCK
 from conftest import HELPERS
 from conftest import RUNTIMES
 from conftest import containers_labelled
+from conftest import holds
 from conftest import runtime_cases
 from conftest import start_script
 from conftest import wait_until
@@ -435,13 +435,20 @@ def test_every_block_serves(make_pool, tmp_path):
     assert len({f.result(DEADLOCK) for f in futures}) == 3
 
 
-def test_long_tasks_are_not_pipelined_after_quick_ones(make_pool):
+def test_long_tasks_are_not_pipelined_after_quick_ones(make_pool, tmp_path):
     """Quick tasks stream many at a time into a container; a function not seen before
-    goes one at a time to whichever block is free, so long tasks spread evenly."""
-    pool = make_pool(blocks=2)
+    goes one at a time to whichever block is free, so long tasks spread over the blocks."""
+    pool = make_pool(blocks=2, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
+    helpers.wait_for_blocks(pool, 2)
     list(pool.map(helpers.identity, range(2000)))  # quick: both containers pipeline them
-    hosts = [f.result(DEADLOCK) for f in [pool.submit(helpers.hostname_after, 0.5) for _ in range(6)]]
-    assert sorted(collections.Counter(hosts).values()) == [3, 3]
+    # Held at a gate: one on each block, and the others wait in the queue, not pipelined
+    # behind them (a task is running once a container has taken it).
+    futures = [pool.submit(helpers.hostname_at_gate, "/shared/gate") for _ in range(4)]
+    wait_until(lambda: sum(f.running() for f in futures) == 2, what="one task on each block")
+    holds(lambda: sum(f.running() for f in futures) == 2, 0.5, what="two tasks waiting in the queue")
+    (tmp_path / "gate").touch()
+    hosts = [f.result(DEADLOCK) for f in futures]
+    assert hosts[0] != hosts[1]
 
 
 # --------------------------------------------------------------------------- what a task may do to its stub
