@@ -48,9 +48,11 @@ import getpass
 import glob
 import hashlib
 import importlib
+import importlib.util
 import itertools
 import json
 import logging
+import marshal
 import math
 import mmap
 import os
@@ -899,7 +901,7 @@ def _sweep_orphans(engine: _Engine) -> None:
 
 def _stub_archive(ship: Sequence[str]) -> bytes:
     """BOOT's payload, sent to every container: the stub, cloudpickle and the shipped
-    code, each file as worker_stub.BOOT_FILE (no bytecode caches)."""
+    code, each file as worker_stub.BOOT_FILE with the host's bytecode beside it."""
     files = [(_stub.__file__, "worker_stub.py")]
     trees = [(path, f"ship/{os.path.basename(os.path.normpath(path))}") for path in ship]
     if cloudpickle is not None:
@@ -919,9 +921,23 @@ def _stub_archive(ship: Sequence[str]) -> bytes:
     for path, name in files:
         with open(path, "rb") as file:
             data = file.read()
-        encoded = name.encode()
-        archive += _stub.BOOT_FILE.pack(len(encoded), len(data)) + encoded + data
+        archive += _boot_file(name, data)
+        if name.endswith(".py"):
+            archive += _boot_file(importlib.util.cache_from_source(name), _bytecode(path, data))
     return bytes(archive)
+
+
+def _boot_file(name: str, data: bytes) -> bytes:
+    encoded = name.encode()
+    return _stub.BOOT_FILE.pack(len(encoded), len(data)) + encoded + data
+
+
+@functools.lru_cache(maxsize=1024)  # by content: the next pool's start compiles nothing
+def _bytecode(path: str, source: bytes) -> bytes:
+    """An unchecked-hash .pyc of a source file (PEP 552)."""
+    code = compile(source, path, "exec", dont_inherit=True)
+    flags = struct.pack("<I", 0b01)  # hash-based, source not checked
+    return importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source) + marshal.dumps(code)
 
 
 def _raw_socket(attached: Any) -> socket.socket:
@@ -1292,12 +1308,12 @@ class _Container:
         """Send the stub (BOOT) and HELLO, return the stub's READY; it says nothing before."""
         self.channel.set_deadline(deadline)
         self.send(_stub.BOOT, 0, archive)
-        self.send(_stub.HELLO, 0, json.dumps(hello).encode())
+        self.send(_stub.HELLO, 0, pickle.dumps(hello, _stub.PLAIN_PROTOCOL))
         kind, _, payload = self.receive(1 << 20)
         self.channel.set_deadline(None)
         if kind != _stub.READY:
             raise ValueError(f"expected READY, got message kind {kind}")
-        return json.loads(bytes(payload))
+        return pickle.loads(payload)
 
 
 def _hello(max_message_size: int, workers: int, silence: float) -> dict:
@@ -1523,7 +1539,7 @@ class _Reader:
         _stub.release(payload)
         item = self._pool.running(container, task_id)
         if kind == _stub.DROPPED:
-            dropped = json.loads(data)["bytes"]
+            dropped = pickle.loads(data)["bytes"]
             container.log(logging.WARNING, "output truncated: %d more bytes were not logged", dropped)
         elif item is None:
             container.between_tasks.feed(data)
@@ -1555,7 +1571,7 @@ class _Reader:
 
     def _process_lost(self, payload: bytearray | mmap.mmap) -> WorkerLost:
         """A LOST message: a worker process of the container died, another took its place."""
-        exit_code = json.loads(bytes(payload))["exit_code"]
+        exit_code = pickle.loads(payload)["exit_code"]
         what = f"a worker process in container {self._container.short_id} died while running the task"
         return self._lost(what, exit_code, False)
 

@@ -2,7 +2,7 @@
 
 The container's command is `python3 -c BOOTSTRAP`: the host sends this file,
 cloudpickle and the user's shipped code over stdin (BOOT, a file after another), the bootstrap
-unpacks it into a new temporary directory and runs this file from there. It then
+unpacks it into a new temporary directory and imports this file from there. It then
 speaks minipool's wire protocol on its own stdin/stdout, which the engine's
 attach connection ties to the host:
 
@@ -14,7 +14,8 @@ attach connection ties to the host:
     host ◄── RESULT/RAISED(task id) ─  stub
 
 Every message is a fixed header (magic, version, kind, task id, payload length)
-followed by the payload: JSON for the handshake, pickles for everything else.
+followed by the payload: BOOT's files; for HELLO, READY, LOST and DROPPED a dict
+of plain values, pickled at PLAIN_PROTOCOL; pickles of tasks and results for the rest.
 The protocol's file descriptors are kept private: fds 1 and 2 point at a pipe
 whose contents go to the host as OUTPUT, tagged with the running task, and fd 0
 at /dev/null, so neither `print`, a C extension nor a subprocess can corrupt the
@@ -31,7 +32,6 @@ import contextlib
 import faulthandler
 import fcntl
 import functools
-import json
 import mmap
 import os
 import pickle
@@ -41,7 +41,6 @@ import struct
 import sys
 import threading
 import time
-import traceback
 
 MAGIC = 0x4D50  # b"MP": a stray byte on the channel fails loudly instead of being parsed
 VERSION = 1
@@ -49,6 +48,9 @@ VERSION = 1
 HEADER = struct.Struct(">HBBQQ")
 # Protocol 5 (out-of-band buffers) is what every CPython >= 3.8 reads.
 PICKLE_PROTOCOL = 5
+# For the dicts of plain values in HELLO, READY, LOST and DROPPED: every Python 3
+# reads it, and the stub needs no json (whose import was a fifth of a block's start).
+PLAIN_PROTOCOL = 2
 # A payload this large is received into an mmap rather than a bytearray.
 LARGE = 1 << 20
 # Buffers one writev may take (Linux and macOS); a pickle of many large objects has more.
@@ -56,19 +58,19 @@ IOV_MAX = 1024
 
 # Message kinds. Host to stub:
 BOOT = 8  # worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules), each file as BOOT_FILE
-HELLO = 1  # JSON: {"python": [major, minor], "cloudpickle": bool, "max_message_size": n, "workers": n,
+HELLO = 1  # {"python": [major, minor], "cloudpickle": bool, "max_message_size": n, "workers": n,
 #                   "silence": seconds}
 CALL = 2  # pickle of (fn, args, kwargs)
 CHUNK = 3  # pickle of (fn, [args, ...]): one message for a chunk of map()
 STOP = 7  # empty: exit once the tasks sent before it are done
 KEEPALIVE = 9  # empty: the host is there (it sends one every few seconds)
 # Stub to host:
-READY = 4  # JSON: {"python": [major, minor, micro], "pickle_protocol": n, "pid": n}
+READY = 4  # {"python": [major, minor, micro], "pickle_protocol": n, "pid": n}
 RESULT = 5  # pickle of the return value (a list for CHUNK)
 RAISED = 6  # pickle of (type name, message, traceback text, pickled exception or None)
-LOST = 10  # JSON: {"exit_code": n}: the worker process running the task died; another took its place
+LOST = 10  # {"exit_code": n}: the worker process running the task died; another took its place
 OUTPUT = 11  # bytes the task wrote to fd 1 or 2, in order, before its RESULT (task id 0: between tasks)
-DROPPED = 12  # JSON: {"bytes": n}: the task wrote n bytes past OUTPUT_LIMIT, which were not sent
+DROPPED = 12  # {"bytes": n}: the task wrote n bytes past OUTPUT_LIMIT, which were not sent
 
 # What a task may write (fds 1 and 2) that reaches the host; the rest is counted.
 OUTPUT_LIMIT = 1 << 20
@@ -80,6 +82,9 @@ DIAGNOSTICS = 2
 # relative) and its bytes. Simpler than a tar, whose module (with shutil and
 # tempfile) took most of a block's start.
 BOOT_FILE = struct.Struct(">HI")
+# Each .py file comes with the host's bytecode for it, as an unchecked-hash .pyc
+# (PEP 552) in __pycache__: an image whose Python is the host's version imports it
+# without compiling, any other compiles the source as usual.
 
 # The container's command: `python3 -c BOOTSTRAP SILENCE`. The stub arrives over
 # stdin rather than by the engine's put_archive, which a read-only root filesystem
@@ -128,8 +133,10 @@ while at < len(archive):
         file.write(archive[at:at + file_size])
     at += file_size
 del archive
-import runpy
-runpy.run_path(os.path.join(home, "worker_stub.py"), run_name="__main__")
+sys.path.insert(0, home)
+import worker_stub
+del sys.path[0]
+worker_stub.start()
 """ % (HEADER.format, HEADER.size, MAGIC, VERSION, BOOT, BOOT_FILE.format, BOOT_FILE.size)
 
 
@@ -322,7 +329,7 @@ class Output:
             if self.readable.poll(0):
                 self.drain()
             if self.dropped:
-                self.send(DROPPED, self.task_id, [json.dumps({"bytes": self.dropped}).encode()])
+                self.send(DROPPED, self.task_id, [pickle.dumps({"bytes": self.dropped}, PLAIN_PROTOCOL)])
             self.task_id, self.left, self.dropped = 0, OUTPUT_LIMIT, 0
 
 
@@ -344,6 +351,8 @@ def describe_exception(exc, dumps, max_size):
     its message and traceback are cut short, and the exception rebuilt from the
     short message where its class allows, so that it keeps its type.
     """
+    import traceback  # here, as below: with re and tokenize it was a fifth of a block's start
+
     name = "%s.%s" % (type(exc).__module__, type(exc).__qualname__)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
@@ -393,6 +402,8 @@ def leave_if_forked(pid, exc=None):
     if isinstance(exc, SystemExit) and (exc.code is None or isinstance(exc.code, int)):
         code = exc.code or 0
     elif exc is not None:
+        import traceback
+
         code = 1
         with contextlib.suppress(Exception):
             traceback.print_exception(type(exc), exc, exc.__traceback__)
@@ -441,9 +452,9 @@ def handshake(readinto, writev):
     kind, _, payload = read_message(readinto, 1 << 20)
     if kind != HELLO:
         raise ValueError("expected HELLO, got message kind %d" % kind)
-    hello = json.loads(payload.decode())
+    hello = pickle.loads(payload)
     ready = {"python": list(sys.version_info[:3]), "pickle_protocol": pickle.HIGHEST_PROTOCOL, "pid": os.getpid()}
-    write_message(writev, READY, 0, [json.dumps(ready).encode()])
+    write_message(writev, READY, 0, [pickle.dumps(ready, PLAIN_PROTOCOL)])
     return hello
 
 
@@ -666,7 +677,7 @@ class Workers:
             os.close(self.pipes.pop(slot))
             task_id = self.running.pop(slot, None)
             if task_id is not None:
-                lost = json.dumps({"exit_code": exit_code(status), "pid": pid}).encode()
+                lost = pickle.dumps({"exit_code": exit_code(status), "pid": pid}, PLAIN_PROTOCOL)
                 with self.writing(slot):
                     write_message(self.writev, LOST, task_id, [lost])
             self.start(slot)
@@ -745,10 +756,17 @@ def main():
     os._exit(0)
 
 
-if __name__ == "__main__":
+def start():
+    """The bootstrap's entry point: main(), and the stub's own failure (say, garbage
+    on the channel) told on the container's stderr: fd 2 carries tasks' output."""
     try:
         main()
     except Exception:
-        # The stub's own failure (say, garbage on the channel): fd 2 carries tasks' output.
+        import traceback
+
         diagnose(traceback.format_exc().rstrip())
         os._exit(1)
+
+
+if __name__ == "__main__":  # run by hand, or by the protocol tests
+    start()
