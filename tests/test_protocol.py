@@ -164,6 +164,55 @@ def test_bootstrap_unpacks_the_worker_into_a_temporary_directory(tmp_path):
     process.stderr.close()
 
 
+def _boot_files(archive):
+    """BOOT's payload as {path: bytes}, in order."""
+    files, at = {}, 0
+    while at < len(archive):
+        name_size, size = stub.BOOT_FILE.unpack_from(archive, at)
+        at += stub.BOOT_FILE.size
+        name = archive[at : at + name_size].decode()
+        files[name] = archive[at + name_size : at + name_size + size]
+        at += name_size + size
+    return files
+
+
+@pytest.mark.parametrize("python", ["the host's", "another"])
+def test_bootstrap_imports_the_stub_from_the_hosts_bytecode(tmp_path, python):
+    """With the host's Python the stub is not compiled (its source may be anything);
+    with another, the bytecode is ignored and the source compiled. Either way a
+    traceback names the file where it ran."""
+    import importlib.util
+
+    import minipool
+
+    files = _boot_files(minipool._stub_archive([os.path.join(TESTS, "helpers.py")]))
+    cached = importlib.util.cache_from_source("worker_stub.py")
+    if python == "the host's":
+        files["worker_stub.py"] = b"raise SystemExit('the source was compiled')\n"
+    else:
+        files[cached] = b"\0\0\0\0" + files[cached][4:]  # another version's magic number
+    process = subprocess.Popen(
+        [sys.executable, "-c", stub.BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    writev = lambda views: process.stdin.write(b"".join(views))  # noqa: E731
+    stub.write_message(writev, stub.BOOT, 0, [b"".join(minipool._boot_file(*file) for file in files.items())])
+    hello = {**HELLO, "python": list(sys.version_info[:2])}
+    stub.write_message(writev, stub.HELLO, 0, [pickle.dumps(hello, stub.PLAIN_PROTOCOL)])
+    stub.write_message(writev, stub.CALL, 1, [pickle.dumps((helpers.raise_value_error, ("boom",), {}))])
+    process.stdin.flush()
+    try:
+        assert stub.read_message(process.stdout.readinto, 1 << 20)[0] == stub.READY
+        kind, _, payload = stub.read_message(process.stdout.readinto, 1 << 20)
+        assert kind == stub.RAISED
+        assert f'File "{tmp_path}/minipool-' in pickle.loads(payload)[2]
+        process.stdin.close()
+        assert process.wait(10) == 0
+    finally:
+        process.stdout.close()
+        process.stderr.close()
+
+
 def test_bootstrap_refuses_anything_but_the_archive():
     process = subprocess.run(
         [sys.executable, "-c", stub.BOOTSTRAP], input=stub.pack_header(stub.HELLO, 0, 0), capture_output=True
