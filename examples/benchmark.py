@@ -404,7 +404,7 @@ def ch_run_s(image_dir, code="pass"):
 
 
 def stub_imports():
-    """`import ...` of every module the bootstrap and the worker stub import at their top:
+    """`import ...` of every standard module the bootstrap and the worker stub import at their top:
     a block's start can be no quicker than a Python that imports them."""
     import worker_stub
 
@@ -413,7 +413,7 @@ def stub_imports():
         for node in ast.parse(source).body:
             if isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
-    return "import " + ", ".join(sorted(names))
+    return "import " + ", ".join(sorted(names - {"worker_stub"}))  # the bootstrap's own import of it
 
 
 def concurrent_ch_runs_s(image_dir, count):
