@@ -47,6 +47,7 @@ import functools
 import getpass
 import glob
 import hashlib
+import hmac
 import importlib
 import importlib.util
 import itertools
@@ -513,11 +514,123 @@ class _Placement:
         return (self.blocks + 1) / self.weight
 
 
+# channel=: how the tasks reach a container made through an engine.
+_CHANNELS = ("auto", "socket", "attach")
+# Where a container finds its engine's channel directory, mounted read-only: a
+# unix socket can be connected to on a read-only mount.
+_CHANNEL_MOUNT = "/minipool-channel"
+# An engine's channel directory (minipool-channel-HOST-PID-RANDOM), in the temporary directory.
+_CHANNEL_DIR = "minipool-channel-"
+
+
+class _DirectChannels:
+    """How an engine's containers reach the pool: through a unix socket each, in a
+    directory of the pool's own mounted into them, for speed (the engine's attach
+    relay costs several times a socket's latency and bandwidth); or through the
+    attach stream, where the sockets cannot work (`refused` says why). Tells the
+    log which, once."""
+
+    def __init__(self, mode: str, engine: str, label: str, local: bool) -> None:
+        self.mode = mode  # channel=: "auto", "socket" or "attach"
+        self.engine = engine
+        self.label = label
+        self.directory: str | None = None  # made with the first socket
+        self.refused = ""
+        if mode == "attach":
+            self.refused = "channel='attach'"
+        elif not local:
+            self.refused = f"the engine at {engine} is not on this machine, where the pool's sockets are"
+        if mode == "socket" and self.refused:
+            raise StartupError(f"channel='socket' cannot work: {self.refused}")
+        self._told = False
+
+    def offer(self) -> _Direct | None:
+        """A socket for the next container to connect to, or None: use the attach stream."""
+        if self.refused:
+            self._tell(f"over the attach stream: {self.refused}")
+            return None
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix=f"{_CHANNEL_DIR}{socket.gethostname()}-{os.getpid()}-")
+            os.chmod(self.directory, 0o711)  # the container's user, whoever it is, must reach the sockets
+        return _Direct(self, self.directory)
+
+    def mount(self) -> docker.types.Mount:
+        return docker.types.Mount(_CHANNEL_MOUNT, self.directory, type="bind", read_only=True)
+
+    def refuse(self, why: str) -> None:
+        """The sockets do not work with this engine's containers: the attach stream
+        from now on, or StartupError with channel='socket'."""
+        if self.mode == "socket":
+            raise StartupError(f"channel='socket' cannot work: {why}")
+        self.refused = why
+        self._tell(f"over the attach stream: {why}")
+
+    def connected(self) -> None:
+        self._tell("over unix sockets")
+
+    def _tell(self, how: str) -> None:
+        if not self._told:
+            self._told = True
+            _logger.info("pool %s: the containers on %s talk to it %s", self.label, self.engine, how)
+
+    def close(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _Direct:
+    """A unix socket for one starting container's stub to connect to, and the secret
+    it must say first: the channel directory is open to the container's user,
+    whoever that is, so also to other users of this machine."""
+
+    def __init__(self, channels: _DirectChannels, directory: str) -> None:
+        self.channels = channels
+        name = f"{uuid.uuid4().hex}.sock"
+        self.path = os.path.join(directory, name)
+        self.secret = os.urandom(32)
+        self.offer = {"socket": f"{_CHANNEL_MOUNT}/{name}", "secret": self.secret.hex()}
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.listener.bind(self.path)
+            os.chmod(self.path, 0o666)
+            self.listener.listen(8)
+        except BaseException:
+            self.close()
+            raise
+
+    def accept(self, deadline: float) -> socket.socket:
+        """The stub's connection: the first to say the secret (it did, before its
+        READY). Others are closed and logged; TimeoutError past the deadline."""
+        while True:
+            self.listener.settimeout(max(deadline - time.monotonic(), 0.001))
+            connection, _ = self.listener.accept()
+            said = bytearray(len(self.secret))
+            with contextlib.suppress(OSError, EOFError):
+                connection.settimeout(min(max(deadline - time.monotonic(), 0.001), 1.0))
+                _stub.fill(connection.recv_into, said)
+            if hmac.compare_digest(said, self.secret):
+                return connection
+            _logger.warning("closed a connection to %s that did not begin with its container's secret", self.path)
+            connection.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
 class _Engine(_Placement):
     """An engine a pool runs blocks on, through its API: its client, its containers' exits."""
 
     def __init__(
-        self, client: docker.DockerClient, owned: bool, name: str, weight: float, exits: _ExitWatch, pool_id: str
+        self,
+        client: docker.DockerClient,
+        owned: bool,
+        name: str,
+        weight: float,
+        exits: _ExitWatch,
+        pool_id: str,
+        channels: _DirectChannels,
     ) -> None:
         super().__init__(name, weight, name)
         self.client = client
@@ -525,6 +638,7 @@ class _Engine(_Placement):
         self.owned = owned
         self.exits = exits
         self.pool_id = pool_id
+        self.channels = channels
 
     def answers(self) -> bool:
         try:
@@ -538,19 +652,30 @@ class _Engine(_Placement):
         Attach comes before start and the stub says nothing before HELLO: bytes that
         arrive with the attach's HTTP answer can be lost in docker-py's reader.
         """
+        direct = self.channels.offer()
         try:
-            container_id = str(self.client.containers.create(**settings.create_options).id)
-        except (docker.errors.DockerException, OSError) as exc:
-            raise _engine_refused(exc, self, settings) from _bare(exc)
+            container_id = self._create(settings, direct)
+        except BaseException as exc:
+            if direct is not None:
+                direct.close()
+            if isinstance(exc, (docker.errors.DockerException, OSError)):
+                raise _engine_refused(exc, self, settings) from _bare(exc)
+            raise
+        if direct is not None and direct.channels.refused:  # created without the mount
+            direct.close()
+            direct = None
         _logger.debug("pool %s: created container %s on %s", settings.label, container_id[:12], self.name)
         self.exits.expect(container_id)
         sock = None
         try:
             attach = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
             sock = _raw_socket(self.api.attach_socket(container_id, params=attach))
-            container = _Container(container_id, _AttachChannel(sock), self)
+            channel = _AttachChannel(sock, f"minipool-{settings.label}-{container_id[:12]}")
+            container = _Container(container_id, channel, self, direct)
             self.api.start(container_id)
         except BaseException as exc:
+            if direct is not None:
+                direct.close()
             if sock is not None:
                 sock.close()
             with contextlib.suppress(docker.errors.DockerException, OSError):
@@ -560,6 +685,22 @@ class _Engine(_Placement):
                 raise _engine_refused(exc, self, settings) from _bare(exc)
             raise
         return container
+
+    def _create(self, settings: _Settings, direct: _Direct | None) -> str:
+        """Create the container, with the channel directory mounted when it is offered
+        a direct channel; an engine that refuses the mount gets none from then on."""
+        if direct is None:
+            return str(self.client.containers.create(**settings.create_options).id)
+        options = settings.create_options
+        mounts = [*options.get("mounts", []), self.channels.mount()]
+        try:
+            return str(self.client.containers.create(**{**options, "mounts": mounts}).id)
+        except docker.errors.APIError as exc:
+            if self.channels.mode == "socket":
+                raise
+            container_id = str(self.client.containers.create(**options).id)  # the mount's fault if it works
+            self.channels.refuse(f"the engine refused to mount {self.channels.directory}: {exc.explanation}")
+            return container_id
 
     def kill(self, container: _Container, how: signal.Signals) -> None:
         with contextlib.suppress(docker.errors.DockerException, OSError):
@@ -574,6 +715,8 @@ class _Engine(_Placement):
 
     def release(self, container: _Container) -> None:
         """The container is gone and its reader done: let go of what was kept for it."""
+        if container.direct is not None:
+            container.direct.close()
         container.channel.close()
         self.exits.forget(container.id)
 
@@ -591,6 +734,7 @@ class _Engine(_Placement):
         except (docker.errors.DockerException, OSError) as exc:
             _logger.warning("could not check %s for leftover containers: %s", self.name, exc)
         self.exits.close()
+        self.channels.close()
         if self.owned:
             self.client.close()
 
@@ -785,12 +929,12 @@ def _kill_group(process: subprocess.Popen, how: signal.Signals) -> None:
 _BLOCK_DIR = "minipool-block-"
 
 
-def _sweep_block_dirs() -> None:
-    """Remove the block directories that dead callers on this host left in the
-    temporary directory (which other hosts may share): a caller killed with SIGKILL
-    cannot remove its own."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_BLOCK_DIR}*-*-*")):
-        host, pid, _ = os.path.basename(path)[len(_BLOCK_DIR) :].rsplit("-", 2)
+def _sweep_dirs(prefix: str) -> None:
+    """Remove the block or channel directories (`prefix`) that dead callers on this
+    host left in the temporary directory (which other hosts may share): a caller
+    killed with SIGKILL cannot remove its own."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}*-*-*")):
+        host, pid, _ = os.path.basename(path)[len(prefix) :].rsplit("-", 2)
         if _owner({"minipool.host": host, "minipool.pid": pid}) == "gone":
             _logger.info("removing %s, whose owner is gone", path)
             shutil.rmtree(path, ignore_errors=True)
@@ -811,18 +955,19 @@ def _open_command(
             f"Charliecloud's image is a directory, and {image!r} is none: make one with "
             f"ch-convert IMAGE {image}, or untar a docker export of the image there"
         )
-    _sweep_block_dirs()
+    _sweep_dirs(_BLOCK_DIR)
     # A Command has no flags of ours, nor has Shifter for it: the process gets the environment itself.
     variables = dict(_pairs(environment)) if isinstance(runtime, Command) or runtime == "shifter" else {}
     return _Command(runtime if isinstance(runtime, str) else argv[0], argv, variables)
 
 
-def _connect_all(engine: Any, pool_size: int, image: str, pool_id: str, label: str) -> list[_Engine]:
+def _connect_all(engine: Any, pool_size: int, image: str, pool_id: str, label: str, channel: str) -> list[_Engine]:
     """Every engine of engine=, ready for the pool; StartupError naming one that cannot serve."""
     engines: list[_Engine] = []
+    _sweep_dirs(_CHANNEL_DIR)
     try:
         for spec, weight in _weighted(engine):
-            engines.append(_open_engine(spec, weight, pool_size, image, pool_id, label))
+            engines.append(_open_engine(spec, weight, pool_size, image, pool_id, label, channel))
     except BaseException:
         for made in engines:
             made.close()
@@ -830,12 +975,16 @@ def _connect_all(engine: Any, pool_size: int, image: str, pool_id: str, label: s
     return engines
 
 
-def _open_engine(spec: Any, weight: float, pool_size: int, image: str, pool_id: str, label: str) -> _Engine:
+def _open_engine(
+    spec: Any, weight: float, pool_size: int, image: str, pool_id: str, label: str, channel: str
+) -> _Engine:
     """One engine, checked to have the image, its exits watched, its orphans swept."""
     client, owned, name = _connect(spec, pool_size)
     try:
         _check_image(client, name, image)
-        engine = _Engine(client, owned, name, weight, _ExitWatch(client.api, pool_id, label), pool_id)
+        # docker-py's name for an engine reached through a unix socket, which is on this machine.
+        channels = _DirectChannels(channel, name, label, local=client.api.base_url == "http+docker://localhost")
+        engine = _Engine(client, owned, name, weight, _ExitWatch(client.api, pool_id, label), pool_id, channels)
     except BaseException as exc:
         if owned:
             client.close()
@@ -1047,20 +1196,36 @@ class _ExitWatch:
             self._events.close()
 
 
-class _AttachStream:
-    """Docker's multiplexed attach stream read as the stub's stdout alone.
+class _Buffered:
+    """A socket's bytes: small reads (frame and message headers, small results) are
+    served from one buffer filled by a single recv; larger ones go straight into
+    the caller's memory."""
 
-    Frames of stderr found on the way go to `on_stderr`. Small reads (frame and
-    message headers, small results) are served from one buffer filled by a single
-    recv; larger ones go straight into the caller's memory.
-    """
-
-    def __init__(self, sock: socket.socket, on_stderr: Callable[[bytearray], None]) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self._recv_into = sock.recv_into
-        self._on_stderr = on_stderr
-        self._header = bytearray(_FRAME_HEADER.size)
         self._buffer = memoryview(bytearray(1 << 16))
         self._start = self._end = 0  # the unread part of _buffer
+
+    def readinto(self, view: memoryview) -> int:
+        """Socket bytes into `view`; 0 at the end of the stream."""
+        if self._start == self._end:
+            if len(view) >= _DIRECT_READ:
+                return self._recv_into(view)
+            self._start, self._end = 0, self._recv_into(self._buffer)
+        count = min(len(view), self._end - self._start)
+        view[:count] = self._buffer[self._start : self._start + count]
+        self._start += count
+        return count
+
+
+class _AttachStream:
+    """Docker's multiplexed attach stream read as the stub's stdout alone; frames of
+    stderr found on the way go to `on_stderr`."""
+
+    def __init__(self, sock: socket.socket, on_stderr: Callable[[bytearray], None]) -> None:
+        self._read = _Buffered(sock).readinto
+        self._on_stderr = on_stderr
+        self._header = bytearray(_FRAME_HEADER.size)
         self._stdout_left = 0
 
     def readinto(self, view: memoryview) -> int:
@@ -1077,46 +1242,57 @@ class _AttachStream:
             self._stdout_left = length
             return
         while length:
-            piece = bytearray(min(length, len(self._buffer)))
+            piece = bytearray(min(length, 1 << 16))
             _stub.fill(self._read, piece)
             self._on_stderr(piece)
             length -= len(piece)
 
-    def _read(self, view: memoryview) -> int:
-        """Socket bytes into `view`; 0 at the end of the stream."""
-        if self._start == self._end:
-            if len(view) >= _DIRECT_READ:
-                return self._recv_into(view)
-            self._start, self._end = 0, self._recv_into(self._buffer)
-        count = min(len(view), self._end - self._start)
-        view[:count] = self._buffer[self._start : self._start + count]
-        self._start += count
-        return count
-
 
 class _AttachChannel:
     """The protocol's bytes over an engine's attach socket: the stub's stdin one
-    way, its stdout and stderr multiplexed (_AttachStream) the other."""
+    way, its stdout and stderr multiplexed (_AttachStream) the other. Or, once the
+    stub connected to a unix socket of ours (go_direct), over that: the attach
+    stream then carries only the container's stderr, read by a thread of its own,
+    and keeps its stdin open, which the engine closes should we die (StdinOnce)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, name: str) -> None:
         self.sock = sock
+        self.name = name
+        self.sockets = [sock]  # those the protocol's bytes use, the attach socket first
         self.writev = _writev(sock)
         self.readinto: Callable[[memoryview], int] = sock.recv_into  # until listen()
 
     def listen(self, on_stderr: Callable[[bytearray], None]) -> None:
         self.readinto = _AttachStream(self.sock, on_stderr).readinto
 
+    def go_direct(self, direct: socket.socket) -> None:
+        attach = self.readinto
+
+        def forward_stderr() -> None:  # the attach stream's stdout has nothing more
+            view = memoryview(bytearray(1 << 12))
+            with contextlib.suppress(OSError, EOFError, ValueError):
+                while attach(view):
+                    pass
+
+        self.sockets.append(direct)
+        self.readinto = _Buffered(direct).readinto
+        self.writev = _writev(direct)
+        self.sock.settimeout(None)  # deadlines are the protocol's, on the direct socket
+        threading.Thread(target=forward_stderr, name=f"{self.name}-stderr", daemon=True).start()
+
     def set_deadline(self, deadline: float | None) -> None:
         """Reads and writes fail with a timeout after `deadline` (None: never)."""
-        self.sock.settimeout(None if deadline is None else max(deadline - time.monotonic(), 0.001))
+        self.sockets[-1].settimeout(None if deadline is None else max(deadline - time.monotonic(), 0.001))
 
     def hang_up(self) -> None:
         """End the stream now, whatever it was in the middle of: the reader settles what was in flight."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        self.sock.close()
+        for sock in self.sockets:
+            sock.close()
 
 
 class _PipeChannel:
@@ -1222,9 +1398,12 @@ class _Container:
     """One block's running container (or process) with the stub in it, and the
     channel to it."""
 
-    def __init__(self, container_id: str, channel: _Channel, launcher: _Launcher) -> None:
+    def __init__(
+        self, container_id: str, channel: _Channel, launcher: _Launcher, direct: _Direct | None = None
+    ) -> None:
         self.id = container_id
         self.launcher = launcher
+        self.direct = direct  # a socket offered to the stub, until the handshake
         self.short_id = container_id[:12]
         self.channel = channel
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
@@ -1308,12 +1487,30 @@ class _Container:
         """Send the stub (BOOT) and HELLO, return the stub's READY; it says nothing before."""
         self.channel.set_deadline(deadline)
         self.send(_stub.BOOT, 0, archive)
-        self.send(_stub.HELLO, 0, pickle.dumps(hello, _stub.PLAIN_PROTOCOL))
+        offer = self.direct.offer if self.direct is not None else {}
+        self.send(_stub.HELLO, 0, pickle.dumps({**hello, **offer}, _stub.PLAIN_PROTOCOL))
         kind, _, payload = self.receive(1 << 20)
-        self.channel.set_deadline(None)
         if kind != _stub.READY:
             raise ValueError(f"expected READY, got message kind {kind}")
-        return pickle.loads(payload)
+        ready = pickle.loads(payload)
+        if self.direct is not None:
+            self._go_direct(ready.get("socket", "its stub did not take the socket"), deadline)
+        self.channel.set_deadline(None)
+        return ready
+
+    def _go_direct(self, why_not: str, deadline: float) -> None:
+        """Move the protocol to the socket the stub connected to, unless it said why it could not."""
+        direct, self.direct = self.direct, None
+        assert direct is not None and isinstance(self.channel, _AttachChannel)
+        try:
+            if why_not:
+                direct.channels.refuse(why_not)
+                return
+            self.channel.go_direct(direct.accept(deadline))
+        finally:
+            direct.close()
+        self.writev = self.channel.writev
+        direct.channels.connected()
 
 
 def _hello(max_message_size: int, workers: int, silence: float) -> dict:
@@ -2385,6 +2582,13 @@ class ContainerPoolExecutor(Executor):
         Command(argv), any command that runs a program in an image with its
         stdin and stdout tied to ours. engine= and container_options are the
         engine's alone.
+    channel: how tasks and results reach containers made through an engine.
+        "auto" (the default): where the engine runs on this machine, a unix socket
+        per container, in a directory of the pool's mounted into it (several
+        times quicker than the engine's attach stream); else, or where the
+        container cannot use it, the attach stream (logged once at INFO, with the
+        reason). "socket": the unix socket or StartupError. "attach": the attach
+        stream alone.
     python: the interpreter's name or path inside the image.
     workdir: the stub's working directory (default: the image's WorkingDir); it is
         on the stub's sys.path, so modules there are importable.
@@ -2421,6 +2625,7 @@ class ContainerPoolExecutor(Executor):
         max_workers: int | None = None,
         engine: _EngineSpec | list[_EngineSpec | tuple[_EngineSpec, float]] = None,
         runtime: str | Command = "docker",
+        channel: str = "auto",
         python: str = "python3",
         workdir: str | None = None,
         environment: Mapping[str, str] | Sequence[str] | None = None,
@@ -2465,6 +2670,10 @@ class ContainerPoolExecutor(Executor):
             if not os.path.exists(path):
                 raise ValueError(f"ship: {path!r} does not exist")
         _check_runtime(runtime, engine, container_options)
+        if channel not in _CHANNELS:
+            raise ValueError(f"channel must be one of {', '.join(_CHANNELS)}, not {channel!r}")
+        if channel == "socket" and runtime != "docker":
+            raise ValueError(f"channel='socket' is for runtime='docker': {runtime!r} talks over its process's pipes")
         _check_container_options(container_options or {})
         # A path (an image directory, a .sif) makes a long label: its last part is enough.
         self._label = label or (image if runtime == "docker" else os.path.basename(os.path.normpath(image)))
@@ -2473,7 +2682,7 @@ class ContainerPoolExecutor(Executor):
         pool_id = uuid.uuid4().hex[:12]
         launchers: list[_Launcher] = []
         if runtime == "docker":
-            launchers += _connect_all(engine, max_blocks + 4, image, pool_id, self._label)
+            launchers += _connect_all(engine, max_blocks + 4, image, pool_id, self._label, channel)
         else:
             launchers.append(_open_command(runtime, image, python, workdir, environment, volumes))
         try:

@@ -448,14 +448,34 @@ def run_task(kind, payload, dumps, hint, max_size):
 
 
 def handshake(readinto, writev):
-    """Answer the host's HELLO; return it as a dict."""
+    """Answer the host's HELLO; return it as a dict, and the unix socket it offered
+    as the channel once connected to (or None). READY says which it is."""
     kind, _, payload = read_message(readinto, 1 << 20)
     if kind != HELLO:
         raise ValueError("expected HELLO, got message kind %d" % kind)
     hello = pickle.loads(payload)
     ready = {"python": list(sys.version_info[:3]), "pickle_protocol": pickle.HIGHEST_PROTOCOL, "pid": os.getpid()}
+    direct = None
+    if "socket" in hello:
+        direct, ready["socket"] = connect(hello["socket"], bytes.fromhex(hello["secret"]))
     write_message(writev, READY, 0, [pickle.dumps(ready, PLAIN_PROTOCOL)])
-    return hello
+    return hello, direct
+
+
+def connect(path, secret):
+    """Connect to the host's unix socket and say the secret that proves who we are;
+    the socket and '', or None and why it cannot be used (the host then keeps the
+    stdin/stdout channel)."""
+    import socket  # only the direct channel needs it
+
+    direct = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        direct.connect(path)
+        direct.sendall(secret)
+    except OSError as exc:
+        direct.close()
+        return None, "cannot connect to %s in the container: %s" % (path, exc)
+    return direct, ""
 
 
 def version_hint(host_python):
@@ -489,8 +509,9 @@ class Channel:
     thread hand-off per task.
     """
 
-    def __init__(self, fd):
+    def __init__(self, fd, lifeline):
         self.fd = fd
+        self.lifeline = lifeline  # stdin: the engine closes it when the host's attach drops
         self.silence = float("inf")  # seconds, from the host's HELLO
         self.read_some = os.fdopen(fd, "rb", buffering=0).readinto
         self.lock = threading.Lock()  # held by whichever thread reads
@@ -519,6 +540,7 @@ class Channel:
 
     def watch(self):
         poller = select.poll()
+        poller.register(self.lifeline, HANGUP)
         while True:
             poller.register(self.fd, HANGUP | (select.POLLIN if self.busy else 0))
             events = poller.poll(1000)
@@ -694,6 +716,7 @@ def supervise(channel, workers):
     backlog: collections.deque = collections.deque()
     stopping = False
     poller = select.poll()
+    poller.register(channel.lifeline, HANGUP)
     poller.register(channel.fd, select.POLLIN | HANGUP)
     poller.register(workers.done_read, select.POLLIN)
     # Dead workers are found by polling: 100 ms at most before one is replaced.
@@ -729,10 +752,13 @@ def main():
     faulthandler.enable(os.fdopen(DIAGNOSTICS, "w"), all_threads=False)
     # As PID 1 (a container without an init) Python would ignore SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
-    channel = Channel(channel_in)
-    writev = functools.partial(os.writev, channel_out)
-    hello = handshake(channel.readinto, writev)
+    hello, direct = handshake(lambda view: os.readv(channel_in, [view]), functools.partial(os.writev, channel_out))
+    if direct is not None:  # the protocol moves there; stdin stays open as the lifeline
+        os.close(channel_out)
+        channel_out = direct.detach()
+    channel = Channel(channel_in if direct is None else channel_out, lifeline=channel_in)
     channel.silence = hello["silence"]
+    writev = functools.partial(os.writev, channel_out)
     # The shipped code and cloudpickle first, then the working directory, where the
     # seed's `import app1` finds /home/app1.py. They take the place of sys.path[0].
     home = os.path.dirname(os.path.abspath(__file__))
