@@ -929,15 +929,18 @@ def _kill_group(process: subprocess.Popen, how: signal.Signals) -> None:
 _BLOCK_DIR = "minipool-block-"
 
 
-def _sweep_dirs(prefix: str) -> None:
+def _sweep_dirs(prefix: str) -> list[str]:
     """Remove the block or channel directories (`prefix`) that dead callers on this
     host left in the temporary directory (which other hosts may share): a caller
-    killed with SIGKILL cannot remove its own."""
+    killed with SIGKILL cannot remove its own. The paths removed."""
+    removed = []
     for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}*-*-*")):
         host, pid, _ = os.path.basename(path)[len(prefix) :].rsplit("-", 2)
         if _owner({"minipool.host": host, "minipool.pid": pid}) == "gone":
             _logger.info("removing %s, whose owner is gone", path)
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _worker_command(python: str) -> list[str]:
@@ -2950,7 +2953,8 @@ def _age(created: float) -> str:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """python -m minipool ps | cleanup [--all]: list or remove minipool's containers."""
+    """python -m minipool ps | cleanup [--all]: list or remove minipool's containers
+    (cleanup also removes the block and channel directories of callers that are gone)."""
     parser = argparse.ArgumentParser(
         prog="python -m minipool", description="List or remove the containers minipool made, on one or more engines."
     )
@@ -2965,6 +2969,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if args.command == "ps":
         print(f"{'ENGINE':24} {'CONTAINER':12} {'STATE':10} {'AGE':>5} {'OWNER':28} {'EXECUTOR':12} LABEL")
     failures = [_on_engine(url, args.command, getattr(args, "all", False)) for url in args.engine or [None]]
+    if args.command == "cleanup":
+        for path in _sweep_dirs(_CHANNEL_DIR) + _sweep_dirs(_BLOCK_DIR):
+            print(f"removed {path} (owner gone)")
     return 1 if any(failures) else 0
 
 
