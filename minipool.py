@@ -6,7 +6,8 @@
 Each block is one container of the executor's image, started once and reused for
 every task. `worker_stub.py` is sent into it over its stdin (worker_stub.BOOTSTRAP)
 and speaks a small protocol over the container's stdin/stdout: the engine's attach
-stream for Docker and Podman, plain pipes for runtimes run as a command
+stream for Docker and Podman (or, on an engine on this machine, a unix socket the
+stub connects to: _DirectChannels), plain pipes for runtimes run as a command
 (Charliecloud, Apptainer, Shifter). Three ideas are kept apart: a launcher starts,
 signals, watches and removes a block's container (_Engine, _Command), a channel
 moves the bytes (_AttachChannel, _PipeChannel), and the pool queues, paces and
@@ -546,13 +547,16 @@ class _DirectChannels:
 
     def offer(self) -> _Direct | None:
         """A socket for the next container to connect to, or None: use the attach stream."""
-        if self.refused:
-            self._tell(f"over the attach stream: {self.refused}")
-            return None
-        if self.directory is None:
-            self.directory = tempfile.mkdtemp(prefix=f"{_CHANNEL_DIR}{socket.gethostname()}-{os.getpid()}-")
-            os.chmod(self.directory, 0o711)  # the container's user, whoever it is, must reach the sockets
-        return _Direct(self, self.directory)
+        if not self.refused:
+            try:
+                if self.directory is None:
+                    self.directory = tempfile.mkdtemp(prefix=f"{_CHANNEL_DIR}{socket.gethostname()}-{os.getpid()}-")
+                    os.chmod(self.directory, 0o711)  # the container's user, whoever it is, must reach the sockets
+                return _Direct(self, self.directory)
+            except OSError as exc:  # say, a TMPDIR too long for a socket's path (108 bytes)
+                self.refuse(f"cannot listen on a unix socket in {tempfile.gettempdir()}: {exc}")
+        self._tell(f"over the attach stream: {self.refused}")
+        return None
 
     def mount(self) -> docker.types.Mount:
         return docker.types.Mount(_CHANNEL_MOUNT, self.directory, type="bind", read_only=True)
@@ -585,7 +589,7 @@ class _Direct:
 
     def __init__(self, channels: _DirectChannels, directory: str) -> None:
         self.channels = channels
-        name = f"{uuid.uuid4().hex}.sock"
+        name = f"{uuid.uuid4().hex[:16]}.sock"  # short: a socket's path has 108 bytes at most
         self.path = os.path.join(directory, name)
         self.secret = os.urandom(32)
         self.offer = {"socket": f"{_CHANNEL_MOUNT}/{name}", "secret": self.secret.hex()}

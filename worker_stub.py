@@ -7,11 +7,17 @@ speaks minipool's wire protocol on its own stdin/stdout, which the engine's
 attach connection ties to the host:
 
     host ── BOOT ──►   bootstrap       (files: this one, lib/cloudpickle, ship/...)
-    host ── HELLO ──►  stub            (the host speaks first)
+    host ── HELLO ──►  stub            (the host speaks first; maybe a socket to use)
     host ◄── READY ──  stub            (Python version, pickle protocol, pid)
     host ── CALL/CHUNK(task id) ──►    stub runs fn(*args, **kwargs) in its main thread
     host ◄── OUTPUT(task id) ...  ───  what the task writes to stdout and stderr, as it comes
     host ◄── RESULT/RAISED(task id) ─  stub
+
+When HELLO names a unix socket (the host's, in a directory mounted into the
+container) and a secret, the stub connects to it and says the secret before its
+READY, which goes out on stdout still and says whether it could; from then on
+everything travels over the socket, and stdin is only watched for the hangup
+that tells the host is gone.
 
 Every message is a fixed header (magic, version, kind, task id, payload length)
 followed by the payload: BOOT's files; for HELLO, READY, LOST and DROPPED a dict
@@ -59,13 +65,14 @@ IOV_MAX = 1024
 # Message kinds. Host to stub:
 BOOT = 8  # worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules), each file as BOOT_FILE
 HELLO = 1  # {"python": [major, minor], "cloudpickle": bool, "max_message_size": n, "workers": n,
-#                   "silence": seconds}
+#             "silence": seconds, and maybe "socket": path, "secret": hex}
 CALL = 2  # pickle of (fn, args, kwargs)
 CHUNK = 3  # pickle of (fn, [args, ...]): one message for a chunk of map()
 STOP = 7  # empty: exit once the tasks sent before it are done
 KEEPALIVE = 9  # empty: the host is there (it sends one every few seconds)
 # Stub to host:
-READY = 4  # {"python": [major, minor, micro], "pickle_protocol": n, "pid": n}
+READY = 4  # {"python": [major, minor, micro], "pickle_protocol": n, "pid": n, and with a
+#             socket offered "socket": "" once connected, else why not}
 RESULT = 5  # pickle of the return value (a list for CHUNK)
 RAISED = 6  # pickle of (type name, message, traceback text, pickled exception or None)
 LOST = 10  # {"exit_code": n}: the worker process running the task died; another took its place

@@ -127,11 +127,8 @@ def block_after(seconds):
 
 
 def corrupt_channel():
-    """Write garbage on the stub's private protocol descriptor.
-
-    The stub dups fd 0 to 3 and fd 1 to 4 before anything else opens a file.
-    """
-    os.write(4, b"this is no frame header, just garbage")
+    """Write garbage on the stub's private protocol descriptor."""
+    os.write(channel_out(), b"this is no frame header, just garbage")
     time.sleep(60)
 
 
@@ -156,7 +153,7 @@ def flood(megabytes):
 
 def claim_absurd_length():
     """Send a well-formed header that claims an exabyte on the stub's private channel."""
-    os.write(4, struct.pack(">HBBQQ", 0x4D50, 1, 5, 1, 1 << 60))
+    os.write(channel_out(), struct.pack(">HBBQQ", 0x4D50, 1, 5, 1, 1 << 60))
     time.sleep(60)
 
 
@@ -320,13 +317,24 @@ def raise_after(seconds, message):
     raise ValueError(message)
 
 
-def talks_over_a_socket():
-    """Whether this process holds a socket: the direct channel. The attach stream
-    reaches a container as pipes."""
+def socket_fd():
+    """The socket this process holds, the direct channel's, or None: the attach
+    stream reaches a container as pipes."""
     for fd in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                return True
+                return int(fd)
         except OSError:  # the listing's own descriptor, closed by now
             pass
-    return False
+    return None
+
+
+def talks_over_a_socket():
+    return socket_fd() is not None
+
+
+def channel_out():
+    """The stub's private protocol descriptor: the direct channel's socket, or fd 4,
+    to which the stub dups fd 1 before anything else opens a file."""
+    fd = socket_fd()
+    return 4 if fd is None else fd

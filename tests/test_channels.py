@@ -76,6 +76,17 @@ def test_an_engine_that_refuses_the_mount_gets_the_attach_stream(make_pool, monk
     assert caplog.text.count("over the attach stream: the engine refused to mount") == 1, caplog.text
 
 
+def test_a_temporary_directory_too_long_for_a_socket_gets_the_attach_stream(make_pool, monkeypatch, tmp_path, caplog):
+    deep = tmp_path / ("x" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with caplog.at_level(logging.INFO, logger="minipool"):
+        pool = make_pool()
+        assert pool.submit(helpers.talks_over_a_socket).result() is False
+    assert "over the attach stream: cannot listen on a unix socket in" in caplog.text
+    assert "AF_UNIX path too long" in caplog.text
+
+
 @pytest.mark.parametrize("source", [None, "/nonexistent/minipool-channel"], ids=["no connection", "no mount"])
 def test_channel_socket_is_a_startup_error_where_the_socket_cannot_work(make_pool, monkeypatch, source):
     offer_elsewhere(monkeypatch, source)
