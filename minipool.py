@@ -390,21 +390,32 @@ def output(future: Future) -> str:
     return _outputs.get(future, b"").decode("utf-8", "replace")
 
 
-def _settle(future: Future, kind: int, payload: bytearray | mmap.mmap, where: str) -> None:
-    """Complete the future from a RESULT or RAISED message from `where` (the container).
+@dataclasses.dataclass
+class _Raised:
+    """A task's outcome that is an exception (a result may be an exception too)."""
+
+    exception: BaseException
+
+
+def _outcome(kind: int, payload: Any, where: str) -> Any:
+    """What a RESULT or RAISED message from `where` (the container) settles its future with.
 
     Unpickling runs the result's own code, which may raise anything, SystemExit
-    included: that fails the future, never the reader thread.
+    included: that fails the future, never the reader thread. Only the channel's
+    own failure, in the middle of a streamed payload, is raised.
     """
     try:
-        outcome = _remote_exception(payload, where) if kind == _stub.RAISED else pickle.loads(payload)
+        if kind == _stub.RAISED:
+            return _Raised(_remote_exception(payload, where))
+        return _stub.unpickle(payload)
     except BaseException as exc:
-        kind, outcome = _stub.RAISED, MiniPoolError(f"the task's result cannot be unpickled on the host: {exc!r}")
-        outcome.__cause__ = exc
-    if kind == _stub.RAISED:
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+        if isinstance(payload, _stub.Stream) and payload.broken is not None:
+            raise
+        error = MiniPoolError(f"the task's result cannot be unpickled on the host: {exc!r}")
+        error.__cause__ = exc
+        return _Raised(error)
+    finally:
+        _stub.release(payload)
 
 
 # --------------------------------------------------------------------------- engine and containers
@@ -1481,8 +1492,9 @@ class _Container:
         self.last_done = now
         return seconds
 
-    def receive(self, max_size: int) -> tuple[int, int, bytearray | mmap.mmap]:
-        return _stub.read_message(self.channel.readinto, max_size)
+    def receive(self, max_size: int, streams: tuple[int, ...] = ()) -> tuple[int, int, Any]:
+        """The next message; a large one of the kinds `streams` as a worker_stub.Stream."""
+        return _stub.read_message(self.channel.readinto, max_size, streams)
 
     def expire(self, now: float) -> bool:
         """Take the tasks past their deadline out of flight; True if there were any."""
@@ -1714,12 +1726,15 @@ class _Reader:
         container = self._container
         where = f"container {container.short_id} of image {self._settings.image!r}"
         while True:
-            kind, task_id, payload = container.receive(self._settings.max_message_size)
+            kind, task_id, payload = container.receive(self._settings.max_message_size, streams=(_stub.RESULT,))
             if kind in (_stub.OUTPUT, _stub.DROPPED):
                 self._task_output(kind, task_id, payload)
                 continue
             if kind not in (_stub.RESULT, _stub.RAISED, _stub.LOST):
                 raise ValueError(f"unexpected message kind {kind} for task {task_id}")
+            # Unpickled before the task leaves flight: a large result is read as it is
+            # unpickled, and if the stream breaks meanwhile, the task died with its container.
+            outcome = None if kind == _stub.LOST else _outcome(kind, payload, where)
             item, timed_out = self._pool.answered(container, task_id, kind)
             if timed_out:
                 continue  # the answer of a task that had just run out of time
@@ -1730,11 +1745,11 @@ class _Reader:
                 self._orphaned([item], self._process_lost(payload))
                 continue
             item.keep_output()
-            try:
-                _settle(item.future, kind, payload, where)
-            finally:
-                _stub.release(payload)
-            del payload
+            if isinstance(outcome, _Raised):
+                item.future.set_exception(outcome.exception)
+            else:
+                item.future.set_result(outcome)
+            del payload, outcome
 
     def _task_output(self, kind: int, task_id: int, payload: bytearray | mmap.mmap) -> None:
         """OUTPUT or DROPPED: what a task wrote, logged and kept for output()."""
@@ -1839,8 +1854,16 @@ class _Pool:
                 if kind != _stub.LOST:
                     pace = self._pace(item)
                     self._paces[item.pace_key] = pace + (container.task_seconds(item) - pace) / 5
-            self._changed.notify_all()
+            # Block threads wait for room while work waits, and for an idle container
+            # to retire, replace or let go; for nothing else an answer changes. Waking
+            # them for every answer cost a one-at-a-time task a fifth of its round trip.
+            if self._pending or (not container.in_flight and self._idle_matters(container)):
+                self._changed.notify_all()
         return item, timed_out
+
+    def _idle_matters(self, container: _Container) -> bool:
+        """Whether its block thread acts when the container goes idle (under the lock)."""
+        return self._settings.idle_timeout is not None or self._worn_out(container) or self._closing()
 
     def running(self, container: _Container, task_id: int) -> _WorkItem | None:
         with self._changed:

@@ -174,19 +174,83 @@ def fill(readinto, view):
         view = view[count:]
 
 
-def read_message(readinto, max_size):
+def read_message(readinto, max_size, streams=()):
     """Read one message: (kind, task id, payload). The payload is a bytearray, or an
-    anonymous mmap when large: a bytearray is zeroed by a pass of its own before the
-    read fills it (35 ms for 64 MB here); free it with release()."""
+    anonymous mmap when large (a bytearray is zeroed by a pass of its own before the
+    read fills it), or when large and of one of the kinds `streams` a Stream, still
+    to be read; free or finish it with release() before the next message."""
     header = bytearray(HEADER.size)
     fill(readinto, header)
     kind, task_id, length = unpack_header(header)
     # Never allocate what a header merely claims beyond the agreed limit.
     if length > max_size:
         raise ValueError("message of %d bytes exceeds the limit of %d bytes" % (length, max_size))
-    payload = mmap.mmap(-1, length) if length >= LARGE else bytearray(length)
+    payload: "bytearray | mmap.mmap"
+    if length < LARGE:
+        payload = bytearray(length)
+    elif kind in streams:
+        return kind, task_id, Stream(readinto, length)
+    else:
+        # Private: shared anonymous memory (mmap's default) is shmem, 1.6 times slower to fill here.
+        payload = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
     fill(readinto, payload)
     return kind, task_id, payload
+
+
+class Stream:
+    """A large payload read from the channel as it is unpickled: the unpickler reads
+    a large bytes or bytearray straight into the object it makes, with no buffer
+    between (on a VM a buffer's fresh pages cost more than the copy). `broken` is
+    the channel's own error, should it fail before the payload's end."""
+
+    def __init__(self, readinto, length):
+        self._readinto = readinto
+        self.left = length
+        self.broken = None
+
+    def readinto(self, buffer):
+        """Fill `buffer` (the unpickler takes less as truncated data), up to the payload's end."""
+        view = memoryview(buffer).cast("B")[: self.left]
+        try:
+            fill(self._readinto, view)
+        except (OSError, EOFError) as exc:
+            self.broken = exc
+            raise
+        self.left -= len(view)
+        return len(view)
+
+    def read(self, size=-1):
+        data = bytearray(self.left if size is None or size < 0 else min(size, self.left))
+        self.readinto(data)
+        return bytes(data)
+
+    def readline(self):  # the unpickler wants one; only protocol 0 uses it
+        line = bytearray()
+        while self.left and not line.endswith(b"\n"):
+            line += self.read(1)
+        return bytes(line)
+
+    def finish(self):
+        """Read what is left of the payload."""
+        scratch = bytearray(min(self.left, 1 << 16))
+        while self.left:
+            self.readinto(scratch)
+
+
+def unpickle(payload):
+    """Unpickle a payload: a buffer, or a Stream, which is then read to its end. The
+    channel's own error, when a Stream's channel failed on the way, comes first."""
+    if not isinstance(payload, Stream):
+        return pickle.loads(payload)
+    try:
+        return pickle.load(payload)
+    except BaseException:
+        if payload.broken is not None:
+            raise payload.broken from None
+        raise
+    finally:
+        if payload.broken is None:
+            payload.finish()
 
 
 def send_parts(writev, parts):
@@ -201,9 +265,12 @@ def send_parts(writev, parts):
 
 
 def release(payload):
-    """Unmap a large payload now: what was unpickled from it holds no reference."""
+    """Unmap a large payload now (what was unpickled from it holds no reference), or
+    read what is left of a Stream."""
     if isinstance(payload, mmap.mmap):
         payload.close()
+    elif isinstance(payload, Stream) and payload.broken is None:
+        payload.finish()
 
 
 def write_message(writev, kind, task_id, parts):
@@ -420,16 +487,21 @@ def leave_if_forked(pid, exc=None):
     os._exit(code)
 
 
-def run_task(kind, payload, dumps, hint, max_size):
-    """Run one CALL or CHUNK; return (RESULT or RAISED, payload parts)."""
+def run_task(kind, payload, dumps, hint, max_size, loaded=lambda: None):
+    """Run one CALL or CHUNK; return (RESULT or RAISED, payload parts). `loaded()`
+    is called once the payload is read (a Stream, as it is unpickled)."""
     pid = os.getpid()
     try:
-        call = pickle.loads(payload)
+        call = unpickle(payload)
         release(payload)
     except BaseException as exc:
+        if isinstance(payload, Stream) and payload.broken is not None:
+            host_gone("the host hung up in the middle of a task")
         if hint:
             exc = RuntimeError("cannot unpickle the task: %s: %s. %s" % (type(exc).__name__, exc, hint))
         return RAISED, describe_exception(exc, dumps, max_size)
+    finally:
+        loaded()
     try:
         if kind == CHUNK:
             fn, chunk = call
@@ -527,16 +599,21 @@ class Channel:
         self.heard = time.monotonic()
 
     def read(self):
-        """The next message that is not a KEEPALIVE, for the main thread."""
+        """The next message that is not a KEEPALIVE, for the main thread: a large
+        task as a Stream, which it reads, not busy yet, as it unpickles it."""
         with self.lock:
             while True:
-                kind, task_id, payload = self.early.popleft() if self.early else self.receive()
+                kind, task_id, payload = self.early.popleft() if self.early else self.receive((CALL, CHUNK))
                 if kind != KEEPALIVE:
                     return kind, task_id, payload
 
-    def receive(self):
+    def receive(self, streams=()):
         """The next message, KEEPALIVE included (by the thread that reads)."""
-        return read_message(self.readinto, sys.maxsize)
+        return read_message(self.readinto, sys.maxsize, streams)
+
+    def start_task(self):
+        """The task's payload is read: the watcher may read the channel while it runs."""
+        self.busy = True
 
     def readinto(self, view):
         # Each read counts as hearing from the host: a large message may take longer
@@ -593,9 +670,8 @@ def serve(channel, send, run):
             return
         if kind == STOP:
             return
-        channel.busy = True
         output.start(task_id)
-        reply, parts = run(kind, payload)  # catches what the task raises
+        reply, parts = run(kind, payload, loaded=channel.start_task)  # catches what the task raises
         output.end()
         del payload
         send(reply, task_id, parts)

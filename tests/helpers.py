@@ -338,3 +338,25 @@ def channel_out():
     to which the stub dups fd 1 before anything else opens a file."""
     fd = socket_fd()
     return 4 if fd is None else fd
+
+
+class RaisesWhenUnpickled:
+    """Pickles fine; unpickling it raises ValueError("unpickled")."""
+
+    def __reduce__(self):
+        return raise_value_error, ("unpickled",)
+
+
+def failing_when_unpickled(size, first):
+    """`size` bytes and an object whose unpickling raises, that one first or last:
+    a large payload is unpickled as it is read, and must be read to its end anyway."""
+    parts = (RaisesWhenUnpickled(), b"x" * size)
+    return parts if first else parts[::-1]
+
+
+def large_result_then_killed(size, delay):
+    """Return `size` bytes; `delay` s after they are made, the process is killed
+    (while the result is on its way, when it takes longer than that to send)."""
+    data = bytes(size)
+    threading.Thread(target=lambda: (time.sleep(delay), os.kill(os.getpid(), signal.SIGKILL)), daemon=True).start()
+    return data
