@@ -3009,6 +3009,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     return 1 if any(failures) else 0
 
 
+def _owner_text(labels: Mapping[str, str]) -> str:
+    """HOST:PID alive|gone|unknown, for ps and cleanup."""
+    return f"{labels.get('minipool.host', '?')}:{labels.get('minipool.pid', '?')} {_owner(labels)}"
+
+
 def _on_engine(url: str | None, command: str, remove_all: bool) -> bool:
     """List (ps) or remove (cleanup) our containers on one engine; True if anything failed."""
     where = url or _default_engine()
@@ -3021,7 +3026,7 @@ def _on_engine(url: str | None, command: str, remove_all: bool) -> bool:
     with contextlib.closing(client):
         for container in client.api.containers(all=True, filters={"label": "minipool"}):
             labels = container["Labels"]
-            owner = f"{labels.get('minipool.host', '?')}:{labels.get('minipool.pid', '?')} {_owner(labels)}"
+            owner = _owner_text(labels)
             short_id = container["Id"][:12]
             if command == "ps":
                 print(
@@ -3049,7 +3054,7 @@ def _on_slurm(command: str, remove_all: bool) -> bool:
     failed = False
     for job in _parse_jobs(jobs):
         labels = job.labels
-        owner = f"{labels.get('minipool.host', '?')}:{labels.get('minipool.pid', '?')} {_owner(labels)}"
+        owner = _owner_text(labels)
         if command == "ps":
             print(
                 f"{'slurm':24} {job.id:12} {job.state:10} {_age(job.submitted):>5} {owner[:28]:28} "
