@@ -873,14 +873,14 @@ def _open_command(
 # job under srun, which is the block's process here: its stdin and stdout are the
 # channel, as with any command runtime. Two things are Slurm's own: a job may wait in
 # the queue before it runs (startup_timeout counts from when it runs), and a job
-# whose srun is killed while it waits stays queued (it is cancelled by id). Every
+# whose srun is killed while it waits stays queued (the pool cancels it at close). Every
 # job is named minipool-LABEL and its comment holds the labels a container would
 # carry, so that squeue finds what a dead caller left (python -m minipool ps --slurm).
 
 # Run by srun on the node in front of the runtime's command: it tells the caller,
 # on srun's stderr, that the job runs (srun says so only for a job that was queued).
 _SRUN_WRAPPER = 'echo "minipool: Slurm job $SLURM_JOB_ID runs on $SLURMD_NODENAME" >&2 && exec "$@"'
-_JOB_RUNS = re.compile(rb"minipool: Slurm job (\d+) runs on")
+_JOB_RUNS = re.compile(rb"minipool: Slurm job \d+ runs on")
 _JOB_QUEUED = re.compile(rb"srun: job (\d+) queued and waiting for resources")
 # How often a block whose job is queued looks whether its pool closes meanwhile.
 _QUEUE_LOOK = 0.1
@@ -923,16 +923,10 @@ class _Srun(_Command):
                 return False
         return True
 
-    def remove(self, container: _Container) -> None:
-        """End srun, which ends a running job; cancel a queued one, which would outlive it."""
-        channel = self._job(container)
-        if channel.job_id is not None and not channel.runs.is_set() and channel.process.poll() is None:
-            _scancel([channel.job_id])
-        super().remove(container)
-
     def close(self) -> None:
-        """Cancel whatever job of the pool is still queued (a srun killed before it
-        said its job's id), as an engine's leftover containers are removed."""
+        """Cancel the pool's jobs still queued: srun, killed when its block is removed,
+        ends a running job but not a queued one (as an engine's leftover containers
+        are removed at close)."""
         _scancel([job.id for job in _slurm_jobs() if job.labels.get("minipool.executor") == self.pool_id])
 
     @staticmethod
@@ -1372,7 +1366,6 @@ class _SrunChannel(_PipeChannel):
 
     def __init__(self, process: subprocess.Popen, name: str, tmpdir: str) -> None:
         super().__init__(process, name, tmpdir)
-        self.job_id: str | None = None
         self.runs = threading.Event()
         self._partial = b""
 
@@ -1388,13 +1381,10 @@ class _SrunChannel(_PipeChannel):
         *lines, self._partial = (self._partial + data).split(b"\n")
         for line in lines:
             queued = _JOB_QUEUED.search(line)
-            runs = _JOB_RUNS.search(line)
             if queued:
-                self.job_id = queued.group(1).decode()
                 _logger.info("%s: Slurm job %s is queued; startup_timeout counts from when it runs",
-                             self.name, self.job_id)
-            elif runs:
-                self.job_id = runs.group(1).decode()
+                             self.name, queued.group(1).decode())
+            elif _JOB_RUNS.search(line):
                 self.runs.set()
 
 
