@@ -7,8 +7,9 @@ Each block is one container of the executor's image, started once and reused for
 every task. `worker_stub.py` is sent into it over its stdin (worker_stub.BOOTSTRAP)
 and speaks a small protocol over the container's stdin/stdout: the engine's attach
 stream for Docker and Podman, plain pipes for runtimes run as a command
-(Charliecloud, Apptainer, Shifter). Three ideas are kept apart: a launcher starts,
-signals, watches and removes a block's container (_Engine, _Command), a channel
+(Charliecloud, Apptainer, Shifter), run here or as Slurm jobs under srun
+(provider=Slurm(...)). Three ideas are kept apart: a launcher starts, signals,
+watches and removes a block's container (_Engine, _Command, _Srun), a channel
 moves the bytes (_AttachChannel, _PipeChannel), and the pool queues, paces and
 places tasks without asking which it has (_Pool, with _Starter to get containers
 and _Reader to settle their answers). On Docker:
