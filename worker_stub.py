@@ -2,19 +2,26 @@
 
 The container's command is `python3 -c BOOTSTRAP`: the host sends this file,
 cloudpickle and the user's shipped code over stdin (BOOT, a file after another), the bootstrap
-unpacks it into a new temporary directory and runs this file from there. It then
+unpacks it into a new temporary directory and imports this file from there. It then
 speaks minipool's wire protocol on its own stdin/stdout, which the engine's
 attach connection ties to the host:
 
     host ── BOOT ──►   bootstrap       (files: this one, lib/cloudpickle, ship/...)
-    host ── HELLO ──►  stub            (the host speaks first)
+    host ── HELLO ──►  stub            (the host speaks first; maybe a socket to use)
     host ◄── READY ──  stub            (Python version, pickle protocol, pid)
     host ── CALL/CHUNK(task id) ──►    stub runs fn(*args, **kwargs) in its main thread
     host ◄── OUTPUT(task id) ...  ───  what the task writes to stdout and stderr, as it comes
     host ◄── RESULT/RAISED(task id) ─  stub
 
+When HELLO names a unix socket (the host's, in a directory mounted into the
+container) and a secret, the stub connects to it and says the secret before its
+READY, which goes out on stdout still and says whether it could; from then on
+everything travels over the socket, and stdin is only watched for the hangup
+that tells the host is gone.
+
 Every message is a fixed header (magic, version, kind, task id, payload length)
-followed by the payload: JSON for the handshake, pickles for everything else.
+followed by the payload: BOOT's files; for HELLO, READY, LOST and DROPPED a dict
+of plain values, pickled at PLAIN_PROTOCOL; pickles of tasks and results for the rest.
 The protocol's file descriptors are kept private: fds 1 and 2 point at a pipe
 whose contents go to the host as OUTPUT, tagged with the running task, and fd 0
 at /dev/null, so neither `print`, a C extension nor a subprocess can corrupt the
@@ -31,7 +38,6 @@ import contextlib
 import faulthandler
 import fcntl
 import functools
-import json
 import mmap
 import os
 import pickle
@@ -41,7 +47,6 @@ import struct
 import sys
 import threading
 import time
-import traceback
 
 MAGIC = 0x4D50  # b"MP": a stray byte on the channel fails loudly instead of being parsed
 VERSION = 1
@@ -49,6 +54,9 @@ VERSION = 1
 HEADER = struct.Struct(">HBBQQ")
 # Protocol 5 (out-of-band buffers) is what every CPython >= 3.8 reads.
 PICKLE_PROTOCOL = 5
+# For the dicts of plain values in HELLO, READY, LOST and DROPPED: every Python 3
+# reads it, and the stub needs no json (whose import was a fifth of a block's start).
+PLAIN_PROTOCOL = 2
 # A payload this large is received into an mmap rather than a bytearray.
 LARGE = 1 << 20
 # Buffers one writev may take (Linux and macOS); a pickle of many large objects has more.
@@ -56,19 +64,20 @@ IOV_MAX = 1024
 
 # Message kinds. Host to stub:
 BOOT = 8  # worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules), each file as BOOT_FILE
-HELLO = 1  # JSON: {"python": [major, minor], "cloudpickle": bool, "max_message_size": n, "workers": n,
-#                   "silence": seconds}
+HELLO = 1  # {"python": [major, minor], "cloudpickle": bool, "max_message_size": n, "workers": n,
+#             "silence": seconds, and maybe "socket": path, "secret": hex}
 CALL = 2  # pickle of (fn, args, kwargs)
 CHUNK = 3  # pickle of (fn, [args, ...]): one message for a chunk of map()
 STOP = 7  # empty: exit once the tasks sent before it are done
 KEEPALIVE = 9  # empty: the host is there (it sends one every few seconds)
 # Stub to host:
-READY = 4  # JSON: {"python": [major, minor, micro], "pickle_protocol": n, "pid": n}
+READY = 4  # {"python": [major, minor, micro], "pickle_protocol": n, "pid": n, and with a
+#             socket offered "socket": "" once connected, else why not}
 RESULT = 5  # pickle of the return value (a list for CHUNK)
 RAISED = 6  # pickle of (type name, message, traceback text, pickled exception or None)
-LOST = 10  # JSON: {"exit_code": n}: the worker process running the task died; another took its place
+LOST = 10  # {"exit_code": n}: the worker process running the task died; another took its place
 OUTPUT = 11  # bytes the task wrote to fd 1 or 2, in order, before its RESULT (task id 0: between tasks)
-DROPPED = 12  # JSON: {"bytes": n}: the task wrote n bytes past OUTPUT_LIMIT, which were not sent
+DROPPED = 12  # {"bytes": n}: the task wrote n bytes past OUTPUT_LIMIT, which were not sent
 
 # What a task may write (fds 1 and 2) that reaches the host; the rest is counted.
 OUTPUT_LIMIT = 1 << 20
@@ -80,6 +89,9 @@ DIAGNOSTICS = 2
 # relative) and its bytes. Simpler than a tar, whose module (with shutil and
 # tempfile) took most of a block's start.
 BOOT_FILE = struct.Struct(">HI")
+# Each .py file comes with the host's bytecode for it, as an unchecked-hash .pyc
+# (PEP 552) in __pycache__: an image whose Python is the host's version imports it
+# without compiling, any other compiles the source as usual.
 
 # The container's command: `python3 -c BOOTSTRAP SILENCE`. The stub arrives over
 # stdin rather than by the engine's put_archive, which a read-only root filesystem
@@ -128,8 +140,10 @@ while at < len(archive):
         file.write(archive[at:at + file_size])
     at += file_size
 del archive
-import runpy
-runpy.run_path(os.path.join(home, "worker_stub.py"), run_name="__main__")
+sys.path.insert(0, home)
+import worker_stub
+del sys.path[0]
+worker_stub.start()
 """ % (HEADER.format, HEADER.size, MAGIC, VERSION, BOOT, BOOT_FILE.format, BOOT_FILE.size)
 
 
@@ -160,19 +174,83 @@ def fill(readinto, view):
         view = view[count:]
 
 
-def read_message(readinto, max_size):
+def read_message(readinto, max_size, streams=()):
     """Read one message: (kind, task id, payload). The payload is a bytearray, or an
-    anonymous mmap when large: a bytearray is zeroed by a pass of its own before the
-    read fills it (35 ms for 64 MB here); free it with release()."""
+    anonymous mmap when large (a bytearray is zeroed by a pass of its own before the
+    read fills it), or when large and of one of the kinds `streams` a Stream, still
+    to be read; free or finish it with release() before the next message."""
     header = bytearray(HEADER.size)
     fill(readinto, header)
     kind, task_id, length = unpack_header(header)
     # Never allocate what a header merely claims beyond the agreed limit.
     if length > max_size:
         raise ValueError("message of %d bytes exceeds the limit of %d bytes" % (length, max_size))
-    payload = mmap.mmap(-1, length) if length >= LARGE else bytearray(length)
+    payload: "bytearray | mmap.mmap"
+    if length < LARGE:
+        payload = bytearray(length)
+    elif kind in streams:
+        return kind, task_id, Stream(readinto, length)
+    else:
+        # Private: shared anonymous memory (mmap's default) is shmem, 1.6 times slower to fill here.
+        payload = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
     fill(readinto, payload)
     return kind, task_id, payload
+
+
+class Stream:
+    """A large payload read from the channel as it is unpickled: the unpickler reads
+    a large bytes or bytearray straight into the object it makes, with no buffer
+    between (on a VM a buffer's fresh pages cost more than the copy). `broken` is
+    the channel's own error, should it fail before the payload's end."""
+
+    def __init__(self, readinto, length):
+        self._readinto = readinto
+        self.left = length
+        self.broken = None
+
+    def readinto(self, buffer):
+        """Fill `buffer` (the unpickler takes less as truncated data), up to the payload's end."""
+        view = memoryview(buffer).cast("B")[: self.left]
+        try:
+            fill(self._readinto, view)
+        except (OSError, EOFError) as exc:
+            self.broken = exc
+            raise
+        self.left -= len(view)
+        return len(view)
+
+    def read(self, size=-1):
+        data = bytearray(self.left if size is None or size < 0 else min(size, self.left))
+        self.readinto(data)
+        return bytes(data)
+
+    def readline(self):  # the unpickler wants one; only protocol 0 uses it
+        line = bytearray()
+        while self.left and not line.endswith(b"\n"):
+            line += self.read(1)
+        return bytes(line)
+
+    def finish(self):
+        """Read what is left of the payload."""
+        scratch = bytearray(min(self.left, 1 << 16))
+        while self.left:
+            self.readinto(scratch)
+
+
+def unpickle(payload):
+    """Unpickle a payload: a buffer, or a Stream, which is then read to its end. The
+    channel's own error, when a Stream's channel failed on the way, comes first."""
+    if not isinstance(payload, Stream):
+        return pickle.loads(payload)
+    try:
+        return pickle.load(payload)
+    except BaseException:
+        if payload.broken is not None:
+            raise payload.broken from None
+        raise
+    finally:
+        if payload.broken is None:
+            payload.finish()
 
 
 def send_parts(writev, parts):
@@ -187,9 +265,12 @@ def send_parts(writev, parts):
 
 
 def release(payload):
-    """Unmap a large payload now: what was unpickled from it holds no reference."""
+    """Unmap a large payload now (what was unpickled from it holds no reference), or
+    read what is left of a Stream."""
     if isinstance(payload, mmap.mmap):
         payload.close()
+    elif isinstance(payload, Stream) and payload.broken is None:
+        payload.finish()
 
 
 def write_message(writev, kind, task_id, parts):
@@ -322,7 +403,7 @@ class Output:
             if self.readable.poll(0):
                 self.drain()
             if self.dropped:
-                self.send(DROPPED, self.task_id, [json.dumps({"bytes": self.dropped}).encode()])
+                self.send(DROPPED, self.task_id, [pickle.dumps({"bytes": self.dropped}, PLAIN_PROTOCOL)])
             self.task_id, self.left, self.dropped = 0, OUTPUT_LIMIT, 0
 
 
@@ -344,6 +425,8 @@ def describe_exception(exc, dumps, max_size):
     its message and traceback are cut short, and the exception rebuilt from the
     short message where its class allows, so that it keeps its type.
     """
+    import traceback  # here, as below: with re and tokenize it was a fifth of a block's start
+
     name = "%s.%s" % (type(exc).__module__, type(exc).__qualname__)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
@@ -393,6 +476,8 @@ def leave_if_forked(pid, exc=None):
     if isinstance(exc, SystemExit) and (exc.code is None or isinstance(exc.code, int)):
         code = exc.code or 0
     elif exc is not None:
+        import traceback
+
         code = 1
         with contextlib.suppress(Exception):
             traceback.print_exception(type(exc), exc, exc.__traceback__)
@@ -402,16 +487,21 @@ def leave_if_forked(pid, exc=None):
     os._exit(code)
 
 
-def run_task(kind, payload, dumps, hint, max_size):
-    """Run one CALL or CHUNK; return (RESULT or RAISED, payload parts)."""
+def run_task(kind, payload, dumps, hint, max_size, loaded=lambda: None):
+    """Run one CALL or CHUNK; return (RESULT or RAISED, payload parts). `loaded()`
+    is called once the payload is read (a Stream, as it is unpickled)."""
     pid = os.getpid()
     try:
-        call = pickle.loads(payload)
+        call = unpickle(payload)
         release(payload)
     except BaseException as exc:
+        if isinstance(payload, Stream) and payload.broken is not None:
+            host_gone("the host hung up in the middle of a task")
         if hint:
             exc = RuntimeError("cannot unpickle the task: %s: %s. %s" % (type(exc).__name__, exc, hint))
         return RAISED, describe_exception(exc, dumps, max_size)
+    finally:
+        loaded()
     try:
         if kind == CHUNK:
             fn, chunk = call
@@ -437,14 +527,34 @@ def run_task(kind, payload, dumps, hint, max_size):
 
 
 def handshake(readinto, writev):
-    """Answer the host's HELLO; return it as a dict."""
+    """Answer the host's HELLO; return it as a dict, and the unix socket it offered
+    as the channel once connected to (or None). READY says which it is."""
     kind, _, payload = read_message(readinto, 1 << 20)
     if kind != HELLO:
         raise ValueError("expected HELLO, got message kind %d" % kind)
-    hello = json.loads(payload.decode())
+    hello = pickle.loads(payload)
     ready = {"python": list(sys.version_info[:3]), "pickle_protocol": pickle.HIGHEST_PROTOCOL, "pid": os.getpid()}
-    write_message(writev, READY, 0, [json.dumps(ready).encode()])
-    return hello
+    direct = None
+    if "socket" in hello:
+        direct, ready["socket"] = connect(hello["socket"], bytes.fromhex(hello["secret"]))
+    write_message(writev, READY, 0, [pickle.dumps(ready, PLAIN_PROTOCOL)])
+    return hello, direct
+
+
+def connect(path, secret):
+    """Connect to the host's unix socket and say the secret that proves who we are;
+    the socket and '', or None and why it cannot be used (the host then keeps the
+    stdin/stdout channel)."""
+    import socket  # only the direct channel needs it
+
+    direct = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        direct.connect(path)
+        direct.sendall(secret)
+    except OSError as exc:
+        direct.close()
+        return None, "cannot connect to %s in the container: %s" % (path, exc)
+    return direct, ""
 
 
 def version_hint(host_python):
@@ -478,8 +588,9 @@ class Channel:
     thread hand-off per task.
     """
 
-    def __init__(self, fd):
+    def __init__(self, fd, lifeline):
         self.fd = fd
+        self.lifeline = lifeline  # stdin: the engine closes it when the host's attach drops
         self.silence = float("inf")  # seconds, from the host's HELLO
         self.read_some = os.fdopen(fd, "rb", buffering=0).readinto
         self.lock = threading.Lock()  # held by whichever thread reads
@@ -488,16 +599,21 @@ class Channel:
         self.heard = time.monotonic()
 
     def read(self):
-        """The next message that is not a KEEPALIVE, for the main thread."""
+        """The next message that is not a KEEPALIVE, for the main thread: a large
+        task as a Stream, which it reads, not busy yet, as it unpickles it."""
         with self.lock:
             while True:
-                kind, task_id, payload = self.early.popleft() if self.early else self.receive()
+                kind, task_id, payload = self.early.popleft() if self.early else self.receive((CALL, CHUNK))
                 if kind != KEEPALIVE:
                     return kind, task_id, payload
 
-    def receive(self):
+    def receive(self, streams=()):
         """The next message, KEEPALIVE included (by the thread that reads)."""
-        return read_message(self.readinto, sys.maxsize)
+        return read_message(self.readinto, sys.maxsize, streams)
+
+    def start_task(self):
+        """The task's payload is read: the watcher may read the channel while it runs."""
+        self.busy = True
 
     def readinto(self, view):
         # Each read counts as hearing from the host: a large message may take longer
@@ -508,6 +624,7 @@ class Channel:
 
     def watch(self):
         poller = select.poll()
+        poller.register(self.lifeline, HANGUP)
         while True:
             poller.register(self.fd, HANGUP | (select.POLLIN if self.busy else 0))
             events = poller.poll(1000)
@@ -553,9 +670,8 @@ def serve(channel, send, run):
             return
         if kind == STOP:
             return
-        channel.busy = True
         output.start(task_id)
-        reply, parts = run(kind, payload)  # catches what the task raises
+        reply, parts = run(kind, payload, loaded=channel.start_task)  # catches what the task raises
         output.end()
         del payload
         send(reply, task_id, parts)
@@ -666,7 +782,7 @@ class Workers:
             os.close(self.pipes.pop(slot))
             task_id = self.running.pop(slot, None)
             if task_id is not None:
-                lost = json.dumps({"exit_code": exit_code(status), "pid": pid}).encode()
+                lost = pickle.dumps({"exit_code": exit_code(status), "pid": pid}, PLAIN_PROTOCOL)
                 with self.writing(slot):
                     write_message(self.writev, LOST, task_id, [lost])
             self.start(slot)
@@ -683,6 +799,7 @@ def supervise(channel, workers):
     backlog: collections.deque = collections.deque()
     stopping = False
     poller = select.poll()
+    poller.register(channel.lifeline, HANGUP)
     poller.register(channel.fd, select.POLLIN | HANGUP)
     poller.register(workers.done_read, select.POLLIN)
     # Dead workers are found by polling: 100 ms at most before one is replaced.
@@ -718,10 +835,13 @@ def main():
     faulthandler.enable(os.fdopen(DIAGNOSTICS, "w"), all_threads=False)
     # As PID 1 (a container without an init) Python would ignore SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
-    channel = Channel(channel_in)
-    writev = functools.partial(os.writev, channel_out)
-    hello = handshake(channel.readinto, writev)
+    hello, direct = handshake(lambda view: os.readv(channel_in, [view]), functools.partial(os.writev, channel_out))
+    if direct is not None:  # the protocol moves there; stdin stays open as the lifeline
+        os.close(channel_out)
+        channel_out = direct.detach()
+    channel = Channel(channel_in if direct is None else channel_out, lifeline=channel_in)
     channel.silence = hello["silence"]
+    writev = functools.partial(os.writev, channel_out)
     # The shipped code and cloudpickle first, then the working directory, where the
     # seed's `import app1` finds /home/app1.py. They take the place of sys.path[0].
     home = os.path.dirname(os.path.abspath(__file__))
@@ -745,10 +865,17 @@ def main():
     os._exit(0)
 
 
-if __name__ == "__main__":
+def start():
+    """The bootstrap's entry point: main(), and the stub's own failure (say, garbage
+    on the channel) told on the container's stderr: fd 2 carries tasks' output."""
     try:
         main()
     except Exception:
-        # The stub's own failure (say, garbage on the channel): fd 2 carries tasks' output.
+        import traceback
+
         diagnose(traceback.format_exc().rstrip())
         os._exit(1)
+
+
+if __name__ == "__main__":  # run by hand, or by the protocol tests
+    start()

@@ -2,11 +2,14 @@
 
     python examples/benchmark.py [--quick] [--image app1_v0.1] [--charliecloud-image DIR]
 
-Baselines: ProcessPoolExecutor with as many workers as blocks; one `docker run
---rm` per task; one `docker exec` per task; and the channel's own limit, raw
-bytes through an attached container (what `docker run -i` does) with log driver
-none, each way. Each figure is the median of several repetitions (one with
---quick, which CI runs as a smoke test without judging the numbers).
+The Docker pool's rows come twice: on the channel channel="auto" chose (a unix
+socket per container, where the engine is on this machine; the reason is printed
+under the table) and on channel="attach". Baselines: ProcessPoolExecutor with as
+many workers as blocks; one `docker run --rm` per task; one `docker exec` per
+task; and the attach stream's own limit, raw bytes through an attached container
+(what `docker run -i` does) with log driver none, each way. Each figure is the
+median of several repetitions (one with --quick, which CI runs as a smoke test
+without judging the numbers).
 
 Where ch-run is installed, the same pool on Charliecloud (runtime="charliecloud",
 on an image directory made from the image by images/build.py if missing) gets
@@ -162,6 +165,52 @@ def makespan_ratio(pool, blocks):
     return took / max(sum(durations) / blocks, max(durations))
 
 
+def pool_rows(sizes):
+    """(row, measure, size) of the rows each executor gets, against ProcessPoolExecutor."""
+    return [
+        ("no-op round trip", round_trip_us, sizes.round_trips),
+        (f"no-op throughput, {sizes.outstanding:,} outstanding", throughput, sizes.outstanding),
+        (f"map of {sizes.map_items:,} items, chunksize 1000", map_rate, sizes.map_items),
+    ]
+
+
+def channel_rows(table, sizes, ours, channel, baselines, raw):
+    """The rows of a Docker pool on one channel ("socket" or "attach"), each against
+    the process pool's figure in `baselines`, the 64 MB rows also against the raw
+    attach pipe's in `raw`; the pool's figures, by row."""
+    direct = channel == "socket"
+    figures = {}
+    targets = {"no-op round trip": 0.6 if direct else 0.8, "map": 0.5}
+    for what, measure, size in pool_rows(sizes):
+        unit = "us" if what == "no-op round trip" else "tasks/s" if "throughput" in what else "items/s"
+        target = targets.get(what, targets.get(what.split(" ")[0], 2))
+        figures[what] = median_of(sizes.repeats, functools.partial(measure, ours, size))
+        table.add(f"{channel}: {what}", figures[what], "ProcessPoolExecutor", baselines[what], target,
+                  unit != "us", unit)
+    megabytes = sizes.payload // MB
+    payload = b"x" * sizes.payload
+    for way, what, rate in [
+        ("in", f"{megabytes} MB bytes argument", lambda: argument_rate(ours, payload)),
+        ("out", f"{megabytes} MB bytes result", lambda: result_rate(ours, sizes.payload)),
+    ]:
+        figures[what] = median_of(sizes.repeats, rate)
+        table.add(f"{channel}: {what}", figures[what], f"raw attach pipe {way}", raw[way], 3 if direct else 0.8,
+                  True, "MB/s")
+        table.add(f"{channel}: {what}", figures[what], "ProcessPoolExecutor",
+                  baselines["argument" if way == "in" else "result"], 2 if direct else None, True, "MB/s")
+    if numpy is not None and ours.submit(has_numpy).result():
+        array = numpy.zeros(sizes.payload // 8)
+        table.add(f"{channel}: {megabytes} MB NumPy argument",
+                  median_of(sizes.repeats, lambda: argument_rate(ours, array)), "raw attach pipe in", raw["in"],
+                  0.8, True, "MB/s")
+        table.add(f"{channel}: {megabytes} MB NumPy result",
+                  median_of(sizes.repeats, lambda: numpy_result_rate(ours, sizes.payload)), "raw attach pipe out",
+                  raw["out"], 0.8, True, "MB/s")
+    elif channel == "socket":
+        print("benchmark: no NumPy rows: NumPy is not both here and in the image", file=sys.stderr)
+    return figures
+
+
 # --------------------------------------------------------------------------- engine baselines
 
 
@@ -299,6 +348,24 @@ def block_readiness():
         logger.setLevel(logging.NOTSET)
 
 
+@contextlib.contextmanager
+def told_channel():
+    """What the pool logs about the channel it chose for its containers, and why."""
+    told = []
+    handler = logging.Handler()
+    handler.emit = lambda record: told.extend(  # type: ignore[method-assign]
+        record.getMessage().split("talk to it ", 1)[1:]
+    )
+    logger = logging.getLogger("minipool")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield told
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+
 def cold_start(image, blocks, engine=None, runtime="docker", provider=None):
     """Seconds from the constructor to the first result, and to every block ready."""
     with block_readiness() as counter:
@@ -412,7 +479,7 @@ def ch_run_s(image_dir, code="pass"):
 
 
 def stub_imports():
-    """`import ...` of every module the bootstrap and the worker stub import at their top:
+    """`import ...` of every standard module the bootstrap and the worker stub import at their top:
     a block's start can be no quicker than a Python that imports them."""
     import worker_stub
 
@@ -421,7 +488,7 @@ def stub_imports():
         for node in ast.parse(source).body:
             if isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
-    return "import " + ", ".join(sorted(names))
+    return "import " + ", ".join(sorted(names - {"worker_stub"}))  # the bootstrap's own import of it
 
 
 def concurrent_ch_runs_s(image_dir, count):
@@ -553,6 +620,7 @@ def _number(value):
 class Table:
     def __init__(self):
         self.rows = []
+        self.notes = []  # printed under the table
 
     def add(self, what, ours, baseline_name, baseline, target, higher_is_better, unit):
         ratio = ours / baseline if baseline else float("nan")
@@ -575,6 +643,8 @@ class Table:
         print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         for row in self.rows:
             print(line.format(*row))
+        for note in self.notes:
+            print(f"\n{note}")
 
 
 def main():
@@ -610,45 +680,24 @@ def run(quick, image, image_dir):
     print(f"benchmark: {image}, {blocks} blocks against {blocks} processes, {sizes.repeats} repetition(s)",
           file=sys.stderr)
 
-    with ContainerPoolExecutor(image, blocks=blocks) as ours, cf.ProcessPoolExecutor(blocks) as processes:
-        for what, measure, size, unit, target, higher in [
-            ("no-op round trip", round_trip_us, sizes.round_trips, "us", 0.8, False),
-            (f"no-op throughput, {sizes.outstanding:,} outstanding", throughput, sizes.outstanding, "tasks/s", 2, True),
-            (f"map of {sizes.map_items:,} items, chunksize 1000", map_rate, sizes.map_items, "items/s", 0.5, True),
-        ]:
-            mine = docker_figures[what] = median_of(sizes.repeats, functools.partial(measure, ours, size))
-            theirs = median_of(sizes.repeats, functools.partial(measure, processes, size))
-            table.add(what, mine, "ProcessPoolExecutor", theirs, target, higher, unit)
-
-        to_container = median_of(sizes.repeats, lambda: _push(client, image, sizes.payload))
-        from_container = median_of(sizes.repeats, lambda: _pull(client, image, sizes.payload))
-        megabytes = sizes.payload // MB
+    to_container = median_of(sizes.repeats, lambda: _push(client, image, sizes.payload))
+    from_container = median_of(sizes.repeats, lambda: _pull(client, image, sizes.payload))
+    raw = {"in": to_container, "out": from_container}
+    with cf.ProcessPoolExecutor(blocks) as processes:
+        baselines = {what: median_of(sizes.repeats, functools.partial(measure, processes, size))
+                     for what, measure, size in pool_rows(sizes)}
         payload = b"x" * sizes.payload
-        for what, rate, raw_name, raw in [
-            (f"{megabytes} MB bytes argument", lambda: argument_rate(ours, payload), "raw attach pipe in",
-             to_container),
-            (f"{megabytes} MB bytes result", lambda: result_rate(ours, sizes.payload), "raw attach pipe out",
-             from_container),
-        ]:
-            docker_figures[what] = median_of(sizes.repeats, rate)
-            table.add(what, docker_figures[what], raw_name, raw, 0.8, True, "MB/s")
-        table.add(
-            f"{megabytes} MB argument, vs processes", argument_rate(ours, payload),
-            "ProcessPoolExecutor", argument_rate(processes, payload), None, True, "MB/s",
-        )
-        if numpy is not None and ours.submit(has_numpy).result():
-            array = numpy.zeros(sizes.payload // 8)
-            table.add(
-                f"{megabytes} MB NumPy argument", median_of(sizes.repeats, lambda: argument_rate(ours, array)),
-                "raw attach pipe in", to_container, 0.8, True, "MB/s",
-            )
-            table.add(
-                f"{megabytes} MB NumPy result",
-                median_of(sizes.repeats, lambda: numpy_result_rate(ours, sizes.payload)),
-                "raw attach pipe out", from_container, 0.8, True, "MB/s",
-            )
-        else:
-            print("benchmark: no NumPy rows: NumPy is not both here and in the image", file=sys.stderr)
+        baselines["argument"] = median_of(sizes.repeats, lambda: argument_rate(processes, payload))
+        baselines["result"] = median_of(sizes.repeats, lambda: result_rate(processes, sizes.payload))
+    # The direct channel (what channel="auto" chose here), then the attach stream.
+    for channel in ("auto", "attach"):
+        with told_channel() as told, ContainerPoolExecutor(image, blocks=blocks, channel=channel) as ours:
+            ours.submit(abs, 0).result()
+            name = "socket" if "unix sockets" in told[0] else "attach"
+            table.notes.append(f'channel="{channel}": the containers {told[0]}')
+            figures = channel_rows(table, sizes, ours, name, baselines, raw)
+            if channel == "auto":
+                docker_figures.update(figures)
 
     per_task_run = median_of(sizes.per_task_runs, lambda: docker_run_s(client, image)) * 1e3
     per_task_exec = docker_exec_s(client, image, sizes.per_task_runs) * 1e3

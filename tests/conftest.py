@@ -311,9 +311,11 @@ def any_engine(request, engine):
 
 # --------------------------------------------------------------------------- runtimes
 
-# Where the runtime-neutral tests run: the engine API (Docker, Podman) and a runtime
-# run as a command (Charliecloud's ch-run, each block a child process of ours).
-RUNTIMES = ["docker", "podman", "charliecloud"]
+# Where the runtime-neutral tests run: the engine API (Docker, Podman), each on both
+# of its channels (a unix socket per container by default; "-attach": the attach
+# stream), and a runtime run as a command (Charliecloud's ch-run, each block a child
+# process of ours).
+RUNTIMES = ["docker", "docker-attach", "podman", "podman-attach", "charliecloud"]
 
 
 @pytest.fixture(scope="session")
@@ -428,14 +430,15 @@ class Runtime:
 class EngineRuntime(Runtime):
     """Docker's engine, or a Podman service, through the engine API: a block is a container."""
 
-    def __init__(self, name, make_pool, label, client, url, container_options):
+    def __init__(self, name, make_pool, label, client, url, container_options, channel):
         super().__init__(name, make_pool, label)
         self.client = client
         self.url = url
         self.container_options = container_options
+        self.channel = channel or "auto"
 
     def options(self):
-        return {"engine": self.url}
+        return {"engine": self.url, "channel": self.channel}
 
     def pool(self, image=APP1, **options):
         # Podman's own options (its ulimits) under the test's.
@@ -522,11 +525,14 @@ def runtime_of(request, make_pool, label):
     made = []
 
     def get(name):
-        if name == "docker":
-            runtime = EngineRuntime(name, make_pool, label, request.getfixturevalue("engine"), None, {})
-        elif name == "podman":
+        engine, _, channel = name.partition("-")
+        if engine == "docker":
+            runtime = EngineRuntime(name, make_pool, label, request.getfixturevalue("engine"), None, {}, channel)
+        elif engine == "podman":
             podman = request.getfixturevalue("podman")
-            runtime = EngineRuntime(name, make_pool, label, podman.client(), podman.url, podman.container_options)
+            runtime = EngineRuntime(
+                name, make_pool, label, podman.client(), podman.url, podman.container_options, channel
+            )
         elif name == "slurm":
             images, cluster = request.getfixturevalue("charliecloud_images"), request.getfixturevalue("slurm")
             runtime = SlurmRuntime(name, make_pool, label, images, cluster)

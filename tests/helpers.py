@@ -130,11 +130,8 @@ def block_after(seconds):
 
 
 def corrupt_channel():
-    """Write garbage on the stub's private protocol descriptor.
-
-    The stub dups fd 0 to 3 and fd 1 to 4 before anything else opens a file.
-    """
-    os.write(4, b"this is no frame header, just garbage")
+    """Write garbage on the stub's private protocol descriptor."""
+    os.write(channel_out(), b"this is no frame header, just garbage")
     time.sleep(60)
 
 
@@ -159,7 +156,7 @@ def flood(megabytes):
 
 def claim_absurd_length():
     """Send a well-formed header that claims an exabyte on the stub's private channel."""
-    os.write(4, struct.pack(">HBBQQ", 0x4D50, 1, 5, 1, 1 << 60))
+    os.write(channel_out(), struct.pack(">HBBQQ", 0x4D50, 1, 5, 1, 1 << 60))
     time.sleep(60)
 
 
@@ -327,3 +324,48 @@ def answer_after(seconds, value):
 def raise_after(seconds, message):
     time.sleep(seconds)
     raise ValueError(message)
+
+
+def socket_fd():
+    """The socket this process holds, the direct channel's, or None: the attach
+    stream reaches a container as pipes."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                return int(fd)
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return None
+
+
+def talks_over_a_socket():
+    return socket_fd() is not None
+
+
+def channel_out():
+    """The stub's private protocol descriptor: the direct channel's socket, or fd 4,
+    to which the stub dups fd 1 before anything else opens a file."""
+    fd = socket_fd()
+    return 4 if fd is None else fd
+
+
+class RaisesWhenUnpickled:
+    """Pickles fine; unpickling it raises ValueError("unpickled")."""
+
+    def __reduce__(self):
+        return raise_value_error, ("unpickled",)
+
+
+def failing_when_unpickled(size, first):
+    """`size` bytes and an object whose unpickling raises, that one first or last:
+    a large payload is unpickled as it is read, and must be read to its end anyway."""
+    parts = (RaisesWhenUnpickled(), b"x" * size)
+    return parts if first else parts[::-1]
+
+
+def large_result_then_killed(size, delay):
+    """Return `size` bytes; `delay` s after they are made, the process is killed
+    (while the result is on its way, when it takes longer than that to send)."""
+    data = bytes(size)
+    threading.Thread(target=lambda: (time.sleep(delay), os.kill(os.getpid(), signal.SIGKILL)), daemon=True).start()
+    return data

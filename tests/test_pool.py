@@ -493,6 +493,32 @@ def test_a_result_whose_unpickling_raises_a_base_exception_fails_only_its_future
     assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["failing first", "failing last"])
+def test_a_large_payload_that_fails_to_unpickle_fails_only_its_future(any_runtime, first):
+    """Large payloads are unpickled as they are read, on both sides: one that fails
+    half-way is still read to its end, and the next message is whole."""
+    pool = any_runtime.pool()
+    assert pool.submit(helpers.double, 1).result(DEADLOCK) == 2
+    block = any_runtime.blocks()
+    large = helpers.failing_when_unpickled(2 << 20, first)
+    with pytest.raises(ValueError, match="unpickled"):
+        pool.submit(helpers.identity, large).result(DEADLOCK)
+    with pytest.raises(MiniPoolError, match="cannot be unpickled on the host"):
+        pool.submit(helpers.failing_when_unpickled, 2 << 20, first).result(DEADLOCK)
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+    assert any_runtime.blocks() == block  # the same container served all three
+
+
+def test_a_container_killed_while_its_large_result_arrives_loses_the_task(any_runtime):
+    """The result is unpickled as it arrives: a stream that breaks half-way is a
+    lost task (retried), not a result that failed to unpickle."""
+    pool = any_runtime.pool(retries=1)
+    with pytest.raises(WorkerLost) as info:
+        pool.submit(helpers.large_result_then_killed, 1 << 30, 0.1).result(DEADLOCK * 2)
+    assert len(info.value.attempts) == 1
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
 def test_a_misspelt_container_option_is_named_by_the_constructor():
     with pytest.raises(TypeError, match="no option 'mem_limt'; did you mean 'mem_limit'"):
         ContainerPoolExecutor("app1_v0.1", container_options={"mem_limt": "1g"})

@@ -1,6 +1,5 @@
 """The wire protocol and the stub over plain subprocess pipes: no engine needed."""
 
-import json
 import os
 import pickle
 import signal
@@ -28,10 +27,10 @@ class Stub:
         )
         self.writev = lambda views: self.process.stdin.write(b"".join(views))
         hello = hello or {**HELLO, "python": list(sys.version_info[:2])}
-        self.send(stub.HELLO, 0, json.dumps(hello).encode())
+        self.send(stub.HELLO, 0, pickle.dumps(hello, stub.PLAIN_PROTOCOL))
         kind, _, payload = self.receive()
         assert kind == stub.READY
-        self.ready = json.loads(payload)
+        self.ready = pickle.loads(payload)
 
     def send(self, kind, task_id, payload):
         stub.write_message(self.writev, kind, task_id, [payload])
@@ -151,7 +150,7 @@ def test_bootstrap_unpacks_the_worker_into_a_temporary_directory(tmp_path):
     writev = lambda views: process.stdin.write(b"".join(views))  # noqa: E731
     stub.write_message(writev, stub.BOOT, 0, [minipool._stub_archive([os.path.join(TESTS, "helpers.py")])])
     hello = {**HELLO, "python": [3, 0]}
-    stub.write_message(writev, stub.HELLO, 0, [json.dumps(hello).encode()])
+    stub.write_message(writev, stub.HELLO, 0, [pickle.dumps(hello, stub.PLAIN_PROTOCOL)])
     stub.write_message(writev, stub.CALL, 1, [pickle.dumps((helpers.where, (), {}))])
     process.stdin.flush()
     assert stub.read_message(process.stdout.readinto, 1 << 20)[0] == stub.READY
@@ -163,6 +162,55 @@ def test_bootstrap_unpacks_the_worker_into_a_temporary_directory(tmp_path):
     assert process.wait(10) == 0
     process.stdout.close()
     process.stderr.close()
+
+
+def _boot_files(archive):
+    """BOOT's payload as {path: bytes}, in order."""
+    files, at = {}, 0
+    while at < len(archive):
+        name_size, size = stub.BOOT_FILE.unpack_from(archive, at)
+        at += stub.BOOT_FILE.size
+        name = archive[at : at + name_size].decode()
+        files[name] = archive[at + name_size : at + name_size + size]
+        at += name_size + size
+    return files
+
+
+@pytest.mark.parametrize("python", ["the host's", "another"])
+def test_bootstrap_imports_the_stub_from_the_hosts_bytecode(tmp_path, python):
+    """With the host's Python the stub is not compiled (its source may be anything);
+    with another, the bytecode is ignored and the source compiled. Either way a
+    traceback names the file where it ran."""
+    import importlib.util
+
+    import minipool
+
+    files = _boot_files(minipool._stub_archive([os.path.join(TESTS, "helpers.py")]))
+    cached = importlib.util.cache_from_source("worker_stub.py")
+    if python == "the host's":
+        files["worker_stub.py"] = b"raise SystemExit('the source was compiled')\n"
+    else:
+        files[cached] = b"\0\0\0\0" + files[cached][4:]  # another version's magic number
+    process = subprocess.Popen(
+        [sys.executable, "-c", stub.BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    writev = lambda views: process.stdin.write(b"".join(views))  # noqa: E731
+    stub.write_message(writev, stub.BOOT, 0, [b"".join(minipool._boot_file(*file) for file in files.items())])
+    hello = {**HELLO, "python": list(sys.version_info[:2])}
+    stub.write_message(writev, stub.HELLO, 0, [pickle.dumps(hello, stub.PLAIN_PROTOCOL)])
+    stub.write_message(writev, stub.CALL, 1, [pickle.dumps((helpers.raise_value_error, ("boom",), {}))])
+    process.stdin.flush()
+    try:
+        assert stub.read_message(process.stdout.readinto, 1 << 20)[0] == stub.READY
+        kind, _, payload = stub.read_message(process.stdout.readinto, 1 << 20)
+        assert kind == stub.RAISED
+        assert f'File "{tmp_path}/minipool-' in pickle.loads(payload)[2]
+        process.stdin.close()
+        assert process.wait(10) == 0
+    finally:
+        process.stdout.close()
+        process.stderr.close()
 
 
 def test_bootstrap_refuses_anything_but_the_archive():
@@ -273,7 +321,7 @@ def test_output_past_the_limit_is_counted_not_sent(worker):
     sent = sum(len(payload) for kind, _, payload in messages if kind == stub.OUTPUT)
     assert sent == stub.OUTPUT_LIMIT
     assert messages[-1][:2] == (stub.DROPPED, 7)
-    assert json.loads(messages[-1][2]) == {"bytes": (4 << 20) - stub.OUTPUT_LIMIT}
+    assert pickle.loads(messages[-1][2]) == {"bytes": (4 << 20) - stub.OUTPUT_LIMIT}
 
 
 def test_closed_stdin_ends_the_stub_while_a_task_runs(worker):
@@ -345,7 +393,7 @@ def test_a_dead_worker_is_reported_and_replaced(workers):
     workers.call(2, helpers.kill_self)
     replies = sorted([workers.receive(), workers.receive()], key=lambda reply: reply[1])
     assert replies[0][0] == stub.RESULT
-    assert replies[1][:2] == (stub.LOST, 2) and json.loads(replies[1][2])["exit_code"] == 128 + signal.SIGKILL
+    assert replies[1][:2] == (stub.LOST, 2) and pickle.loads(replies[1][2])["exit_code"] == 128 + signal.SIGKILL
     pids = set()
     for task_id in range(3, 9):
         workers.call(task_id, helpers.pid_after, 0.2)

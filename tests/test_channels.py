@@ -1,0 +1,175 @@
+"""channel=: a unix socket per container, where the engine runs on this machine,
+and the attach stream where that cannot work (issue 12). The behaviour, fault and
+pool suites run on both channels through RUNTIMES (docker, docker-attach, ...)."""
+
+import glob
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import docker
+import pytest
+
+import helpers
+import minipool
+from conftest import ROOT
+from conftest import containers_labelled
+from conftest import read_lines
+from conftest import start_script
+from conftest import wait_until
+from minipool import StartupError
+
+DIRECT = "talk to it over unix sockets"
+
+
+def channel_dirs(pid):
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"minipool-channel-{socket.gethostname()}-{pid}-*"))
+
+
+@pytest.mark.parametrize(("channel", "direct"), [("auto", True), ("attach", False)])
+def test_auto_talks_over_a_socket_and_attach_over_the_attach_stream(any_engine, make_pool, caplog, channel, direct):
+    _, url, options = any_engine
+    with caplog.at_level(logging.INFO, logger="minipool"):
+        pool = make_pool(blocks=2, engine=url, container_options=options, channel=channel)
+        assert [pool.submit(helpers.talks_over_a_socket).result() for _ in range(4)] == [direct] * 4
+        assert pool.submit(helpers.add, 2, b=3).result() == 5
+    told = DIRECT if direct else "over the attach stream: channel='attach'"
+    assert caplog.text.count(told) == 1, caplog.text
+    assert bool(channel_dirs(os.getpid())) == direct
+    pool.shutdown()
+    assert not channel_dirs(os.getpid())
+
+
+def test_the_socket_serves_a_read_only_container_of_another_user(make_pool):
+    pool = make_pool(channel="socket", container_options={"read_only": True, "tmpfs": {"/tmp": ""}, "user": "65534"})
+    assert pool.submit(helpers.talks_over_a_socket).result() is True
+    assert pool.submit(os.getuid).result() == 65534
+
+
+def offer_elsewhere(monkeypatch, source=None):
+    """Mount the channel directory (or `source`) where the stub does not look for its socket."""
+
+    def mount(channels):
+        return docker.types.Mount("/elsewhere", source or channels.directory, type="bind", read_only=True)
+
+    monkeypatch.setattr(minipool._DirectChannels, "mount", mount)
+
+
+def test_a_stub_that_cannot_connect_falls_back_to_the_attach_stream(make_pool, monkeypatch, caplog):
+    offer_elsewhere(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="minipool"):
+        pool = make_pool(blocks=2)
+        assert [pool.submit(helpers.talks_over_a_socket).result() for _ in range(4)] == [False] * 4
+    told = "over the attach stream: cannot connect to /minipool-channel/"
+    assert caplog.text.count(told) == 1, caplog.text
+
+
+def test_an_engine_that_refuses_the_mount_gets_the_attach_stream(make_pool, monkeypatch, caplog):
+    offer_elsewhere(monkeypatch, source="/nonexistent/minipool-channel")
+    with caplog.at_level(logging.INFO, logger="minipool"):
+        pool = make_pool(blocks=2)
+        assert [pool.submit(helpers.talks_over_a_socket).result() for _ in range(4)] == [False] * 4
+    assert caplog.text.count("over the attach stream: the engine refused to mount") == 1, caplog.text
+
+
+def test_a_temporary_directory_too_long_for_a_socket_gets_the_attach_stream(make_pool, monkeypatch, tmp_path, caplog):
+    deep = tmp_path / ("x" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with caplog.at_level(logging.INFO, logger="minipool"):
+        pool = make_pool()
+        assert pool.submit(helpers.talks_over_a_socket).result() is False
+    assert "over the attach stream: cannot listen on a unix socket in" in caplog.text
+    assert "AF_UNIX path too long" in caplog.text
+
+
+@pytest.mark.parametrize("source", [None, "/nonexistent/minipool-channel"], ids=["no connection", "no mount"])
+def test_channel_socket_is_a_startup_error_where_the_socket_cannot_work(make_pool, monkeypatch, source):
+    offer_elsewhere(monkeypatch, source)
+    pool = make_pool(channel="socket")
+    with pytest.raises(StartupError, match=r"cannot connect to /minipool-channel/|/nonexistent/minipool-channel"):
+        pool.submit(helpers.add, 1).result(timeout=60)
+
+
+def test_an_engine_elsewhere_gets_the_attach_stream():
+    channels = minipool._DirectChannels("auto", "tcp://elsewhere:2375", "test", local=False)
+    assert channels.offer() is None
+    with pytest.raises(StartupError, match="channel='socket' cannot work: the engine at tcp://elsewhere:2375 is not"):
+        minipool._DirectChannels("socket", "tcp://elsewhere:2375", "test", local=False)
+
+
+def test_channel_is_checked():
+    with pytest.raises(ValueError, match="channel must be one of auto, socket, attach, not 'fast'"):
+        minipool.ContainerPoolExecutor("app1_v0.1", channel="fast")
+    with pytest.raises(ValueError, match="channel='socket' is for runtime='docker'"):
+        minipool.ContainerPoolExecutor("/images/app1", runtime="charliecloud", channel="socket")
+
+
+def test_only_a_connection_that_says_the_secret_is_taken(caplog):
+    """Anyone on this machine may connect to a socket: one that does not begin
+    with the container's secret (wrong, or silent for a second) is closed and logged."""
+    channels = minipool._DirectChannels("auto", "here", "test", local=True)
+    direct = channels.offer()
+    clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for client in clients:
+            client.connect(direct.path)
+        clients[0].sendall(bytes(len(direct.secret)))  # wrong
+        clients[2].sendall(direct.secret)  # clients[1] says nothing
+        with caplog.at_level(logging.WARNING, logger="minipool"):
+            accepted = direct.accept(time.monotonic() + 10)
+        with accepted:
+            clients[2].sendall(b"ours")
+            assert accepted.recv(4) == b"ours"
+        assert clients[0].recv(1) == b"" and clients[1].recv(1) == b""  # closed
+        assert caplog.text.count("did not begin with its container's secret") == 2
+    finally:
+        for client in clients:
+            client.close()
+        direct.close()
+        channels.close()
+    assert not os.path.exists(channels.directory)
+
+
+def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(engine, label, make_pool):
+    caller = start_script(
+        f"""
+        import helpers
+        from minipool import ContainerPoolExecutor
+        pool = ContainerPoolExecutor("app1_v0.1", ship=[helpers.__file__], label={label!r})
+        print(pool.submit(helpers.talks_over_a_socket).result(), flush=True)
+        input()
+        """
+    )
+    try:
+        assert read_lines(caller, 1) == ["True\n"]
+        left = channel_dirs(caller.pid)
+        assert len(left) == 1
+    finally:
+        caller.kill()
+        caller.wait()
+        caller.stdout.close()
+        caller.stderr.close()
+    wait_until(lambda: not containers_labelled(engine, label), what="the killed caller's container to go")
+    assert os.path.exists(left[0])
+    make_pool()
+    assert not os.path.exists(left[0])
+
+
+def test_cleanup_removes_the_directories_of_callers_that_are_gone():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is nobody's now (or soon another's; then cleanup leaves it, and so do we)
+    path = tempfile.mkdtemp(prefix=f"minipool-channel-{socket.gethostname()}-{gone.pid}-")
+    try:
+        cli = subprocess.run(
+            [sys.executable, "-m", "minipool", "cleanup"], capture_output=True, text=True, cwd=ROOT, timeout=60
+        )
+        assert f"removed {path} (owner gone)" in cli.stdout, cli
+        assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.rmdir(path)
