@@ -52,7 +52,11 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 # A job past its time limit (or cancelled) gets SIGKILL 2 s after SIGTERM, not 30.
 KillWait=2
-NodeName={host} CPUs={cpus} State=UNKNOWN
+# The node claims 8 CPUs whatever it has (config_overrides: slurmd believes the config,
+# not the hardware), so that a job asking for up to 8 (workers_per_block) can run; with
+# OverSubscribe=FORCE:4 (else two one-core jobs at a time on 2 cores) 32 jobs run at once.
+SlurmdParameters=config_overrides
+NodeName={host} CPUs=8 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """
 
@@ -122,7 +126,7 @@ class SlurmCluster:
             os.mkdir(os.path.join(self.root, state))
         with open(self.conf, "w") as file:
             file.write(CONFIG.format(
-                host=socket.gethostname(), root=self.root, cpus=os.cpu_count(),
+                host=socket.gethostname(), root=self.root,
                 controller_port=_free_port(), node_port=_free_port(),
             ))
 

@@ -73,9 +73,8 @@ def test_a_provider_needs_a_runtime_run_as_a_command():
 
 
 @pytest.fixture
-def on_slurm(slurm, runtime_of):
-    """Charliecloud under the session's Slurm cluster. `slurm` comes first, so that its
-    check (no job left) runs after the pools are shut down."""
+def on_slurm(runtime_of):
+    """Charliecloud under the session's Slurm cluster; at teardown no job may be left."""
     return runtime_of("slurm")
 
 
@@ -140,9 +139,8 @@ def test_a_job_cancelled_mid_task_is_a_lost_worker_then_a_new_job(on_slurm, tmp_
 
 
 @pytest.mark.slow
-def test_a_job_past_its_time_limit_is_a_lost_worker_then_a_new_job(slurm, runtime_of):
+def test_a_job_past_its_time_limit_is_a_lost_worker_then_a_new_job(on_slurm):
     """Slurm's limits are whole minutes, checked about once a minute: 1 to 2 minutes."""
-    on_slurm = runtime_of("slurm")
     pool = on_slurm.pool(provider=Slurm(time="1"))
     running = pool.submit(time.sleep, 300)
     wait_until(lambda: running.running() and on_slurm.blocks(), what="the task to run in a job")
@@ -209,6 +207,23 @@ def test_a_caller_killed_with_sigkill_leaves_no_job(on_slurm, tmp_path):
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=DEADLOCK)
         wait_until(lambda: not on_slurm.blocks(), timeout=5, what="the killed caller's jobs to end")
+    finally:
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.slow
+def test_a_frozen_callers_jobs_end_once_their_stubs_find_it_silent(on_slurm, tmp_path):
+    """SIGSTOP: srun's stdin stays open, but the stubs hear nothing for 30 s (minipool._HOST_SILENCE)."""
+    (tmp_path / "tmp").mkdir()
+    code = KILLED_CALLER.format(image=on_slurm.image(), label=on_slurm.label)
+    process = start_script(code, environment={"TMPDIR": str(tmp_path / "tmp")})
+    try:
+        assert read_lines(process, 1) == ["running\n"]
+        process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        wait_until(lambda: not on_slurm.blocks(), timeout=minipool._HOST_SILENCE + 30, what="the jobs to end")
+        assert time.monotonic() - started > minipool._HOST_SILENCE / 2  # the silence, not something sooner
     finally:
         process.kill()
         process.communicate()
