@@ -5,6 +5,7 @@ After every test no job of it may be left in the queue (the slurm fixture), nor 
 srun process of ours, nor a block directory (SlurmRuntime.close).
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -195,38 +196,38 @@ time.sleep(600)
 """
 
 
-def test_a_caller_killed_with_sigkill_leaves_no_job(on_slurm, tmp_path):
-    # The blocks' directories, which a killed caller cannot remove (the next pool on the
-    # host does: test_runtimes), go to tmp_path instead of /tmp.
+@contextlib.contextmanager
+def a_caller_running_two_tasks(on_slurm, tmp_path):
+    """KILLED_CALLER, once its tasks run in two jobs; killed at the end. The blocks'
+    directories, which a killed caller cannot remove (the next pool on the host does:
+    test_runtimes), go to tmp_path instead of /tmp."""
     (tmp_path / "tmp").mkdir()
     code = KILLED_CALLER.format(image=on_slurm.image(), label=on_slurm.label)
     process = start_script(code, environment={"TMPDIR": str(tmp_path / "tmp")})
     try:
         assert read_lines(process, 1) == ["running\n"]
         assert len(on_slurm.blocks()) == 2
-        process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=DEADLOCK)
-        wait_until(lambda: not on_slurm.blocks(), timeout=5, what="the killed caller's jobs to end")
+        yield process
     finally:
         process.kill()
         process.communicate()
+
+
+def test_a_caller_killed_with_sigkill_leaves_no_job(on_slurm, tmp_path):
+    with a_caller_running_two_tasks(on_slurm, tmp_path) as process:
+        process.send_signal(signal.SIGKILL)
+        process.wait(DEADLOCK)
+        wait_until(lambda: not on_slurm.blocks(), timeout=5, what="the killed caller's jobs to end")
 
 
 @pytest.mark.slow
 def test_a_frozen_callers_jobs_end_once_their_stubs_find_it_silent(on_slurm, tmp_path):
     """SIGSTOP: srun's stdin stays open, but the stubs hear nothing for 30 s (minipool._HOST_SILENCE)."""
-    (tmp_path / "tmp").mkdir()
-    code = KILLED_CALLER.format(image=on_slurm.image(), label=on_slurm.label)
-    process = start_script(code, environment={"TMPDIR": str(tmp_path / "tmp")})
-    try:
-        assert read_lines(process, 1) == ["running\n"]
+    with a_caller_running_two_tasks(on_slurm, tmp_path) as process:
         process.send_signal(signal.SIGSTOP)
         started = time.monotonic()
         wait_until(lambda: not on_slurm.blocks(), timeout=minipool._HOST_SILENCE + 30, what="the jobs to end")
         assert time.monotonic() - started > minipool._HOST_SILENCE / 2  # the silence, not something sooner
-    finally:
-        process.kill()
-        process.communicate()
 
 
 def test_a_partition_that_does_not_exist_is_named_at_once(on_slurm):
