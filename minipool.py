@@ -1079,14 +1079,24 @@ class _Srun(_Command):
 
     def running(self, container: _Container, closing: Callable[[float], bool]) -> bool:
         """Wait until the block's job runs, however long it is queued; False if the
-        pool closes first. A srun that ends first is the handshake's to explain."""
-        channel = self._job(container)
+        pool closes first, StartupError if Slurm refuses the job."""
+        channel = self._srun_channel(container)
         while not channel.runs.wait(_QUEUE_LOOK):
             if channel.process.poll() is not None:
-                return True
+                raise self._refused(container)
             if closing(0):
                 return False
         return True
+
+    def _refused(self, container: _Container) -> StartupError:
+        """srun ended before its job ran (an option or partition Slurm refuses, a cancelled job): what it said."""
+        channel = self._srun_channel(container)
+        channel.drain_stderr(_EXIT_EVENT_WAIT)
+        container.end_log()
+        return StartupError(
+            f"cannot start a block on {self.description}: srun ended (exit code {channel.process.returncode}) "
+            f"before its job ran; it said:\n{container.last_words()}"
+        )
 
     def close(self) -> None:
         """Cancel the pool's jobs still queued: srun, killed when its block is removed,
@@ -1095,7 +1105,7 @@ class _Srun(_Command):
         _scancel([job.id for job in _slurm_jobs() if job.labels.get("minipool.executor") == self.pool_id])
 
     @staticmethod
-    def _job(container: _Container) -> _SrunChannel:
+    def _srun_channel(container: _Container) -> _SrunChannel:
         assert isinstance(container.channel, _SrunChannel)
         return container.channel
 

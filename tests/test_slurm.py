@@ -235,6 +235,14 @@ def test_a_partition_that_does_not_exist_is_named_at_once(on_slurm):
         on_slurm.pool(provider=Slurm(partition="nope"))
 
 
+def test_a_job_slurm_refuses_is_a_startup_error_with_what_srun_said(on_slurm):
+    pool = on_slurm.pool(provider=Slurm(options=["--constraint=nope"]))
+    with pytest.raises(StartupError, match=r"(?s)cannot start a block on charliecloud on Slurm \(the command line: "
+                                           r"srun .* --constraint=nope .*\): srun ended \(exit code 1\) before its "
+                                           r"job ran; it said:\n.*Invalid feature specification"):
+        pool.submit(helpers.double, 1).result(DEADLOCK)
+
+
 def test_no_srun_is_a_startup_error_naming_the_command_line(on_slurm, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(StartupError, match=r"cannot run charliecloud on Slurm \(the command line: srun --unbuffered "
