@@ -23,6 +23,7 @@ from conftest import holds
 from conftest import read_lines
 from conftest import start_script
 from conftest import wait_until
+from minipool import BrokenContainerPool
 from minipool import Command
 from minipool import ContainerPoolExecutor
 from minipool import Slurm
@@ -137,6 +138,18 @@ def test_a_job_cancelled_mid_task_is_a_lost_worker_then_a_new_job(on_slurm, tmp_
         with pytest.raises(WorkerLost, match=f"(?s)STEP {cancelled}.0 ON .* CANCELLED"):
             running.result(DEADLOCK)
     assert pool.submit(helpers.block).result(DEADLOCK) != cancelled
+
+
+@pytest.mark.parametrize("stop", ["kill_workers", "terminate_workers"])
+def test_stopping_the_workers_ends_their_jobs(on_slurm, stop):
+    pool = on_slurm.pool(blocks=2)
+    running = [pool.submit(helpers.sleep_then, 60) for _ in range(2)]
+    wait_until(lambda: all(future.running() for future in running), what="a task in each job")
+    getattr(pool, stop)()
+    for future in running:
+        with pytest.raises(BrokenContainerPool, match=f"stopped with SIG.* by {stop}"):
+            future.result(DEADLOCK)
+    wait_until(lambda: not on_slurm.blocks(), timeout=10, what="the jobs to end")
 
 
 @pytest.mark.slow
