@@ -8,8 +8,9 @@ every task. `worker_stub.py` is sent into it over its stdin (worker_stub.BOOTSTR
 and speaks a small protocol over the container's stdin/stdout: the engine's attach
 stream for Docker and Podman (or, on an engine on this machine, a unix socket the
 stub connects to: _DirectChannels), plain pipes for runtimes run as a command
-(Charliecloud, Apptainer, Shifter). Three ideas are kept apart: a launcher starts,
-signals, watches and removes a block's container (_Engine, _Command), a channel
+(Charliecloud, Apptainer, Shifter), run here or as Slurm jobs under srun
+(provider=Slurm(...)). Three ideas are kept apart: a launcher starts, signals,
+watches and removes a block's container (_Engine, _Command, _Srun), a channel
 moves the bytes (_AttachChannel, _PipeChannel), and the pool queues, paces and
 places tasks without asking which it has (_Pool, with _Starter to get containers
 and _Reader to settle their answers). On Docker:
@@ -59,6 +60,7 @@ import math
 import mmap
 import os
 import pickle
+import re
 import select
 import shlex
 import shutil
@@ -113,6 +115,7 @@ __all__ = [
     "MiniPoolError",
     "ProtocolError",
     "RemoteError",
+    "Slurm",
     "StartupError",
     "WorkerLost",
     "output",
@@ -525,6 +528,11 @@ class _Placement:
         """Its share of blocks with one more: the next block goes where this is least."""
         return (self.blocks + 1) / self.weight
 
+    def running(self, container: _Container, closing: Callable[[float], bool]) -> bool:
+        """Wait until the started container runs; False if the pool closes first. Only
+        a scheduler's launcher (_Srun) has anything to wait for: a job in its queue."""
+        return True
+
 
 # channel=: how the tasks reach a container made through an engine.
 _CHANNELS = ("auto", "socket", "attach")
@@ -785,6 +793,48 @@ class Command:
         return f"Command({self.argv!r})"
 
 
+class Slurm:
+    """Where blocks run, for provider=: each block is a Slurm job that runs the
+    runtime's command under `srun`, its stdin and stdout forwarded to the caller.
+    Each job asks for workers_per_block cores (--cpus-per-task); `options` are
+    srun's own, passed unchanged. For example
+
+        Slurm(partition="debug", time="01:00:00", options=["--mem=4G"])
+    """
+
+    def __init__(
+        self,
+        partition: str | None = None,
+        time: str | None = None,
+        account: str | None = None,
+        options: Sequence[str] = (),
+    ) -> None:
+        for name, value in (("partition", partition), ("time", time), ("account", account)):
+            if value is not None:
+                _check_name(name, value)
+        if isinstance(options, str) or not all(isinstance(option, str) for option in options):
+            raise TypeError(f"options must be a list of srun's options, each a string, not {options!r}")
+        for option in options:
+            if option.split("=")[0] in _SRUN_OURS:
+                raise ValueError(f"Slurm options: minipool sets {option.split('=')[0]} itself (the block's "
+                                 f"stdin and stdout are its channel, and its name and comment find it again)")
+        self.partition = partition
+        self.time = time
+        self.account = account
+        self.options = list(options)
+
+    def __repr__(self) -> str:
+        return f"Slurm(partition={self.partition!r}, time={self.time!r}, account={self.account!r}, " \
+               f"options={self.options!r})"
+
+
+# srun options a Slurm provider sets itself: the channel, the job's name and comment.
+_SRUN_OURS = frozenset(
+    ["-i", "--input", "-o", "--output", "-e", "--error", "--pty", "-u", "--unbuffered", "-J", "--job-name",
+     "--comment"]
+)
+
+
 # The runtimes that runtime= names, each run as a command; "docker" is the engine API.
 _RUNTIMES = ("docker", "charliecloud", "apptainer", "singularity", "shifter")
 
@@ -889,8 +939,11 @@ class _Command(_Placement):
                 f"cannot run {self.description}: {exc.strerror}: {self.argv[0]!r}. Is it installed and on PATH?"
             ) from _bare(exc)
         _logger.debug("pool %s: started process %d: %s ...", settings.label, process.pid, shlex.join(self.argv[:-2]))
-        channel = _PipeChannel(process, f"minipool-{settings.label}-process-{process.pid}", tmpdir)
+        channel = self._open_channel(process, f"minipool-{settings.label}-process-{process.pid}", tmpdir)
         return _Container(str(process.pid), channel, self)
+
+    def _open_channel(self, process: subprocess.Popen, name: str, tmpdir: str) -> _PipeChannel:
+        return _PipeChannel(process, name, tmpdir)
 
     def kill(self, container: _Container, how: signal.Signals) -> None:
         _kill_group(self._process(container), how)
@@ -977,6 +1030,154 @@ def _open_command(
     # A Command has no flags of ours, nor has Shifter for it: the process gets the environment itself.
     variables = dict(_pairs(environment)) if isinstance(runtime, Command) or runtime == "shifter" else {}
     return _Command(runtime if isinstance(runtime, str) else argv[0], argv, variables)
+
+
+# --------------------------------------------------------------------------- Slurm
+#
+# provider=Slurm(...): each block's command (the runtime's, as above) runs as a Slurm
+# job under srun, which is the block's process here: its stdin and stdout are the
+# channel, as with any command runtime. Two things are Slurm's own: a job may wait in
+# the queue before it runs (startup_timeout counts from when it runs), and a job
+# whose srun is killed while it waits stays queued (the pool cancels it at close). Every
+# job is named minipool-LABEL and its comment holds the labels a container would
+# carry, so that squeue finds what a dead caller left (python -m minipool ps --slurm).
+
+# Run by srun on the node in front of the runtime's command: it tells the caller,
+# on srun's stderr, that the job runs (srun says so only for a job that was queued).
+_SRUN_WRAPPER = 'echo "minipool: Slurm job $SLURM_JOB_ID runs on $SLURMD_NODENAME" >&2 && exec "$@"'
+_JOB_RUNS = re.compile(rb"minipool: Slurm job \d+ runs on")
+_JOB_QUEUED = re.compile(rb"srun: job (\d+) queued and waiting for resources")
+# How often a block whose job is queued looks whether its pool closes meanwhile.
+_QUEUE_LOOK = 0.1
+# squeue and scancel answer in tens of milliseconds; a controller that takes longer is down.
+_SLURM_COMMAND_TIMEOUT = 30.0
+
+
+def _srun_argv(slurm: Slurm, label: str, pool_id: str, workers: int) -> list[str]:
+    """srun's command line up to the runtime's: one task of `workers` cores, named and
+    commented so that squeue finds it, stdin and stdout unbuffered."""
+    comment = f"minipool.host={socket.gethostname()},minipool.pid={os.getpid()},minipool.executor={pool_id}"
+    chosen = [("--partition", slurm.partition), ("--time", slurm.time), ("--account", slurm.account)]
+    return [
+        "srun", "--unbuffered", "--ntasks=1", f"--cpus-per-task={workers}", f"--job-name=minipool-{label}",
+        f"--comment={comment}", *[f"{flag}={value}" for flag, value in chosen if value is not None],
+        *slurm.options, "sh", "-c", _SRUN_WRAPPER, "minipool-block",
+    ]
+
+
+class _Srun(_Command):
+    """A runtime's command run as a Slurm job by srun: srun is the block's process
+    (a child of the caller, as for any command runtime), asks for the job, waits
+    while it is queued and forwards the block's stdin, stdout and stderr."""
+
+    def __init__(self, name: str, argv: list[str], environment: Mapping[str, str], pool_id: str) -> None:
+        super().__init__(name, argv, environment)
+        self.pool_id = pool_id
+
+    def _open_channel(self, process: subprocess.Popen, name: str, tmpdir: str) -> _PipeChannel:
+        return _SrunChannel(process, name, tmpdir)
+
+    def running(self, container: _Container, closing: Callable[[float], bool]) -> bool:
+        """Wait until the block's job runs, however long it is queued; False if the
+        pool closes first, StartupError if Slurm refuses the job."""
+        channel = self._srun_channel(container)
+        while not channel.runs.wait(_QUEUE_LOOK):
+            if channel.process.poll() is not None:
+                raise self._refused(container)
+            if closing(0):
+                return False
+        return True
+
+    def _refused(self, container: _Container) -> StartupError:
+        """srun ended before its job ran (an option or partition Slurm refuses, a cancelled job): what it said."""
+        channel = self._srun_channel(container)
+        channel.drain_stderr(_EXIT_EVENT_WAIT)
+        container.end_log()
+        return StartupError(
+            f"cannot start a block on {self.description}: srun ended (exit code {channel.process.returncode}) "
+            f"before its job ran; it said:\n{container.last_words()}"
+        )
+
+    def close(self) -> None:
+        """Cancel the pool's jobs still queued: srun, killed when its block is removed,
+        ends a running job but not a queued one (as an engine's leftover containers
+        are removed at close)."""
+        _scancel([job.id for job in _slurm_jobs() if job.labels.get("minipool.executor") == self.pool_id])
+
+    @staticmethod
+    def _srun_channel(container: _Container) -> _SrunChannel:
+        assert isinstance(container.channel, _SrunChannel)
+        return container.channel
+
+
+@dataclasses.dataclass
+class _Job:
+    """A Slurm job of ours, as squeue shows it."""
+
+    id: str
+    state: str
+    submitted: float  # seconds since the epoch
+    name: str
+    labels: dict[str, str]  # from its comment: minipool.host, minipool.pid, minipool.executor
+
+
+def _slurm(*argv: str) -> str:
+    """Run a Slurm client command, return its stdout; StartupError if it cannot run or fails."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_SLURM_COMMAND_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StartupError(f"cannot run {shlex.join(argv)}: {_reason(exc)}. Is Slurm's client installed?") from None
+    if done.returncode != 0:
+        raise StartupError(f"{shlex.join(argv)} failed: {done.stderr.strip() or done.returncode}")
+    return done.stdout
+
+
+def _slurm_jobs() -> list[_Job]:
+    """This user's Slurm jobs that minipool submitted; none (and a warning) if squeue fails."""
+    try:
+        return _parse_jobs(_squeue())
+    except StartupError as exc:
+        _logger.warning("could not look for minipool's Slurm jobs: %s", exc)
+        return []
+
+
+def _squeue() -> str:
+    """This user's jobs, a line each: id, state, submit time, comment, name."""
+    return _slurm("squeue", "--noheader", f"--user={getpass.getuser()}", "--format=%i %T %V %k %j")
+
+
+def _parse_jobs(listed: str) -> list[_Job]:
+    """The jobs of squeue's lines (_squeue) that minipool submitted: those whose comment has our labels."""
+    jobs = []
+    for line in listed.splitlines():
+        job_id, state, submitted, comment, name = line.split(" ", 4)
+        labels = dict(pair.split("=", 1) for pair in comment.split(",") if "=" in pair)
+        if "minipool.executor" in labels:
+            started = time.mktime(time.strptime(submitted, "%Y-%m-%dT%H:%M:%S"))
+            jobs.append(_Job(job_id, state, started, name, labels))
+    return jobs
+
+
+def _scancel(job_ids: list[str]) -> None:
+    if job_ids:
+        try:
+            _slurm("scancel", *job_ids)
+        except StartupError as exc:
+            _logger.warning("could not cancel Slurm job(s) %s: %s", ", ".join(job_ids), exc)
+
+
+def _open_slurm(slurm: Slurm, command: _Command, label: str, pool_id: str, workers: int) -> _Srun:
+    """The launcher of the runtime's command as Slurm jobs, checked to have srun and
+    the partition; the jobs dead callers on this host left queued are cancelled."""
+    argv = _srun_argv(slurm, label, pool_id, workers) + command.argv
+    launcher = _Srun(f"{command.name} on Slurm", argv, command.environment, pool_id)
+    if shutil.which("srun") is None:
+        raise StartupError(f"cannot run {launcher.description}: no srun on PATH. Is Slurm's client installed?")
+    partitions = _slurm("sinfo", "--noheader", "--format=%R").split()
+    if slurm.partition is not None and slurm.partition not in partitions:
+        raise StartupError(f"Slurm has no partition {slurm.partition!r}; it has {', '.join(partitions) or 'none'}")
+    _scancel([job.id for job in _slurm_jobs() if _owner(job.labels) == "gone"])
+    return launcher
 
 
 def _connect_all(engine: Any, pool_size: int, image: str, pool_id: str, label: str, channel: str) -> list[_Engine]:
@@ -1380,6 +1581,34 @@ class _PipeChannel:
                 pipe.close()
 
 
+class _SrunChannel(_PipeChannel):
+    """The pipes to a block's srun, whose stderr also tells how the block's Slurm job
+    goes until it runs: srun says that it is queued, _SRUN_WRAPPER that it runs."""
+
+    def __init__(self, process: subprocess.Popen, name: str, tmpdir: str) -> None:
+        super().__init__(process, name, tmpdir)
+        self.runs = threading.Event()
+        self._partial = b""
+
+    def listen(self, on_stderr: Callable[[bytearray], None]) -> None:
+        def watch(data: bytearray) -> None:
+            if not self.runs.is_set():
+                self._follow_job(data)
+            on_stderr(data)
+
+        super().listen(watch)
+
+    def _follow_job(self, data: bytearray) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            queued = _JOB_QUEUED.search(line)
+            if queued:
+                _logger.info("%s: Slurm job %s is queued; startup_timeout counts from when it runs",
+                             self.name, queued.group(1).decode())
+            elif _JOB_RUNS.search(line):
+                self.runs.set()
+
+
 _Channel = Union[_AttachChannel, _PipeChannel]
 
 
@@ -1590,7 +1819,7 @@ class _Starter:
         while not closing(0):
             launcher = self._place(failed)
             try:
-                return self._start_container(launcher)
+                return self._start_container(launcher, closing)
             except StartupError as exc:
                 with self._lock:
                     launcher.blocks -= 1
@@ -1632,12 +1861,16 @@ class _Starter:
             self._label, engine.name, left, exc,
         )
 
-    def _start_container(self, launcher: _Launcher) -> _Container:
-        """Start a container with the launcher, send the stub, handshake; StartupError otherwise."""
+    def _start_container(self, launcher: _Launcher, closing: Callable[[float], bool]) -> _Container | None:
+        """Start a container with the launcher, send the stub once it runs, handshake;
+        StartupError otherwise. None if the pool closes while the container waits to
+        run (a Slurm job in the queue): startup_timeout counts from when it runs."""
         container = launcher.start(self._settings)
         try:
-            deadline = time.monotonic() + self._settings.startup_timeout
-            self._check_ready(container.handshake(self._settings.archive, self._hello, deadline))
+            runs = launcher.running(container, closing)
+            if runs:
+                deadline = time.monotonic() + self._settings.startup_timeout
+                self._check_ready(container.handshake(self._settings.archive, self._hello, deadline))
         except BaseException as exc:
             try:
                 if not isinstance(exc, Exception) or isinstance(exc, StartupError):
@@ -1646,6 +1879,11 @@ class _Starter:
             finally:
                 launcher.remove(container)
                 launcher.release(container)
+        if not runs:
+            launcher.remove(container)
+            launcher.release(container)
+            self.stopped(container)
+            return None
         with self._lock:
             self._ever_ready = True
         return container
@@ -2396,6 +2634,16 @@ def _check_runtime(runtime: Any, engine: Any, container_options: Any) -> None:
         raise ValueError(f"engine= and container_options are for runtime='docker', not {runtime!r}")
 
 
+def _check_provider(provider: Any, runtime: Any) -> None:
+    if provider is not None and not isinstance(provider, Slurm):
+        raise TypeError(f"provider must be a minipool.Slurm or None (this machine), not {provider!r}")
+    if provider is not None and runtime == "docker":
+        raise ValueError(
+            "provider=Slurm(...) runs each block's command as a Slurm job: give a runtime run as a command "
+            "(charliecloud, apptainer, singularity, shifter or Command(...)), not runtime='docker'"
+        )
+
+
 def _check_name(name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, not {value!r}")
@@ -2619,6 +2867,11 @@ class ContainerPoolExecutor(Executor):
         container cannot use it, the attach stream (logged once at INFO, with the
         reason). "socket": the unix socket or StartupError. "attach": the attach
         stream alone.
+    provider: where the blocks run: None, this machine; or Slurm(...), each block
+        a Slurm job that runs the runtime's command under srun (runtime= must be
+        one run as a command), asking for workers_per_block cores. A job Slurm
+        ends is a lost block (WorkerLost, retries); a job waiting in the queue
+        is logged, and startup_timeout counts from when it runs.
     python: the interpreter's name or path inside the image.
     workdir: the stub's working directory (default: the image's WorkingDir); it is
         on the stub's sys.path, so modules there are importable.
@@ -2656,6 +2909,7 @@ class ContainerPoolExecutor(Executor):
         engine: _EngineSpec | list[_EngineSpec | tuple[_EngineSpec, float]] = None,
         runtime: str | Command = "docker",
         channel: str = "auto",
+        provider: Slurm | None = None,
         python: str = "python3",
         workdir: str | None = None,
         environment: Mapping[str, str] | Sequence[str] | None = None,
@@ -2704,6 +2958,7 @@ class ContainerPoolExecutor(Executor):
             raise ValueError(f"channel must be one of {', '.join(_CHANNELS)}, not {channel!r}")
         if channel == "socket" and runtime != "docker":
             raise ValueError(f"channel='socket' is for runtime='docker': {runtime!r} talks over its process's pipes")
+        _check_provider(provider, runtime)
         _check_container_options(container_options or {})
         # A path (an image directory, a .sif) makes a long label: its last part is enough.
         self._label = label or (image if runtime == "docker" else os.path.basename(os.path.normpath(image)))
@@ -2714,7 +2969,10 @@ class ContainerPoolExecutor(Executor):
         if runtime == "docker":
             launchers += _connect_all(engine, max_blocks + 4, image, pool_id, self._label, channel)
         else:
-            launchers.append(_open_command(runtime, image, python, workdir, environment, volumes))
+            command = _open_command(runtime, image, python, workdir, environment, volumes)
+            if provider is not None:
+                command = _open_slurm(provider, command, self._label, pool_id, workers_per_block)
+            launchers.append(command)
         try:
             settings = _Settings(
                 image=image,
@@ -2980,13 +3238,18 @@ def _age(created: float) -> str:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """python -m minipool ps | cleanup [--all]: list or remove minipool's containers
-    (cleanup also removes the block and channel directories of callers that are gone)."""
+    """python -m minipool [--slurm] ps | cleanup [--all]: list or remove minipool's containers
+    or Slurm jobs (cleanup also removes the block and channel directories of callers that are gone)."""
     parser = argparse.ArgumentParser(
-        prog="python -m minipool", description="List or remove the containers minipool made, on one or more engines."
+        prog="python -m minipool",
+        description="List or remove the containers minipool made, on one or more engines, or its Slurm jobs.",
     )
     parser.add_argument(
         "--engine", action="append", metavar="URL", help="an engine (repeatable; default: DOCKER_HOST or its socket)"
+    )
+    parser.add_argument(
+        "--slurm", action="store_true", help="this user's Slurm jobs (squeue, scancel) instead of an engine's "
+        "containers; with --engine, both"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("ps", help="list them, with their owner process and whether it is alive")
@@ -2995,11 +3258,20 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "ps":
         print(f"{'ENGINE':24} {'CONTAINER':12} {'STATE':10} {'AGE':>5} {'OWNER':28} {'EXECUTOR':12} LABEL")
-    failures = [_on_engine(url, args.command, getattr(args, "all", False)) for url in args.engine or [None]]
+    remove_all = getattr(args, "all", False)
+    engines = args.engine or ([] if args.slurm else [None])
+    failures = [_on_engine(url, args.command, remove_all) for url in engines]
+    if args.slurm:
+        failures.append(_on_slurm(args.command, remove_all))
     if args.command == "cleanup":
         for path in _sweep_dirs(_CHANNEL_DIR) + _sweep_dirs(_BLOCK_DIR):
             print(f"removed {path} (owner gone)")
     return 1 if any(failures) else 0
+
+
+def _owner_text(labels: Mapping[str, str]) -> str:
+    """HOST:PID alive|gone|unknown, for ps and cleanup."""
+    return f"{labels.get('minipool.host', '?')}:{labels.get('minipool.pid', '?')} {_owner(labels)}"
 
 
 def _on_engine(url: str | None, command: str, remove_all: bool) -> bool:
@@ -3014,7 +3286,7 @@ def _on_engine(url: str | None, command: str, remove_all: bool) -> bool:
     with contextlib.closing(client):
         for container in client.api.containers(all=True, filters={"label": "minipool"}):
             labels = container["Labels"]
-            owner = f"{labels.get('minipool.host', '?')}:{labels.get('minipool.pid', '?')} {_owner(labels)}"
+            owner = _owner_text(labels)
             short_id = container["Id"][:12]
             if command == "ps":
                 print(
@@ -3029,6 +3301,33 @@ def _on_engine(url: str | None, command: str, remove_all: bool) -> bool:
                     failed = True
                 else:
                     print(f"removed {short_id} ({container['State']}, owner {owner}) from {where}")
+    return failed
+
+
+def _on_slurm(command: str, remove_all: bool) -> bool:
+    """List (ps) or cancel (cleanup) this user's Slurm jobs that minipool submitted; True if anything failed."""
+    try:
+        jobs = _squeue()
+    except StartupError as exc:
+        print(f"minipool: {exc}", file=sys.stderr)
+        return True
+    failed = False
+    for job in _parse_jobs(jobs):
+        labels = job.labels
+        owner = _owner_text(labels)
+        if command == "ps":
+            print(
+                f"{'slurm':24} {job.id:12} {job.state:10} {_age(job.submitted):>5} {owner[:28]:28} "
+                f"{labels.get('minipool.executor', '?'):12} {job.name.removeprefix('minipool-')}"
+            )
+        elif remove_all or _owner(labels) == "gone":
+            try:
+                _slurm("scancel", job.id)
+            except StartupError as exc:
+                print(f"minipool: could not cancel Slurm job {job.id}: {exc}", file=sys.stderr)
+                failed = True
+            else:
+                print(f"cancelled Slurm job {job.id} ({job.state}, owner {owner})")
     return failed
 
 

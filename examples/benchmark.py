@@ -16,6 +16,14 @@ on an image directory made from the image by images/build.py if missing) gets
 rows of its own: cold start against a bare `ch-run IMG -- python3 -c pass`, round
 trip and throughput against ProcessPoolExecutor, 64 MB each way against raw bytes
 through a ch-run process's pipes, and each against the Docker pool's own figure.
+
+Where a Slurm cluster answers (SLURM_CONF set, srun on PATH), the Charliecloud pool
+with provider=minipool.Slurm() (each block a job) gets rows too: first result and 8
+blocks ready against as many bare `srun ch-run IMG -- python3 -c pass`, round trip
+and throughput against the local Charliecloud pool of the same run. On one machine,
+as root, with a one-node cluster of its own:
+
+    python tests/slurm_cluster.py python examples/benchmark.py --quick
 """
 
 import argparse
@@ -358,11 +366,11 @@ def told_channel():
         logger.setLevel(logging.NOTSET)
 
 
-def cold_start(image, blocks, engine=None, runtime="docker"):
+def cold_start(image, blocks, engine=None, runtime="docker", provider=None):
     """Seconds from the constructor to the first result, and to every block ready."""
     with block_readiness() as counter:
         started = time.perf_counter()
-        pool = ContainerPoolExecutor(image, blocks=blocks, engine=engine, runtime=runtime)
+        pool = ContainerPoolExecutor(image, blocks=blocks, engine=engine, runtime=runtime, provider=provider)
         pool.submit(abs, 0).result()
         first = time.perf_counter() - started
         every = max(counter.wait(blocks)) - started
@@ -518,8 +526,9 @@ def _ch_pull(image_dir, size):
     return size / MB / took
 
 
-def charliecloud_rows(table, sizes, blocks, image_dir, docker):
-    """The Charliecloud pool's rows, each against its baseline and against Docker's figure in `docker`."""
+def charliecloud_rows(table, sizes, blocks, image_dir, docker, figures):
+    """The Charliecloud pool's rows, each against its baseline and against Docker's figure in `docker`;
+    its round trip and throughput go into `figures`."""
     ch = "Charliecloud: "
     bare = median_of(sizes.per_task_runs, lambda: ch_run_s(image_dir)) * 1e3
     imports = stub_imports()
@@ -543,7 +552,7 @@ def charliecloud_rows(table, sizes, blocks, image_dir, docker):
             (f"no-op throughput, {sizes.outstanding:,} outstanding", throughput, sizes.outstanding, "tasks/s", None,
              True),
         ]:
-            mine = median_of(sizes.repeats, functools.partial(measure, ours, size))
+            mine = figures[what] = median_of(sizes.repeats, functools.partial(measure, ours, size))
             theirs = median_of(sizes.repeats, functools.partial(measure, processes, size))
             table.add(ch + what, mine, "ProcessPoolExecutor", theirs, target, higher, unit)
             table.add(ch + what, mine, "Docker: the same, same run", docker[what], None, higher, unit)
@@ -560,6 +569,45 @@ def charliecloud_rows(table, sizes, blocks, image_dir, docker):
     ]:
         table.add(ch + what, mine, raw_name, raw, 0.8, True, "MB/s")
         table.add(ch + what, mine, "Docker: the same, same run", docker[what], None, True, "MB/s")
+
+
+# --------------------------------------------------------------------------- Slurm
+
+
+def srun_ch_run_s(image_dir):
+    """One bare `srun --unbuffered --ntasks=1 ch-run IMAGE_DIR -- python3 -c pass`, as a block's job starts."""
+    env = {**os.environ, "USER": os.environ.get("USER") or getpass.getuser()}
+    return timed(lambda: subprocess.run(
+        ["srun", "--unbuffered", "--ntasks=1", "ch-run", image_dir, "--", "python3", "-c", "pass"], env=env, check=True,
+    ))
+
+
+def concurrent_sruns_s(image_dir, count):
+    """`count` bare sruns at once: seconds to all done."""
+    with cf.ThreadPoolExecutor(count) as threads:
+        return timed(lambda: list(threads.map(lambda _: srun_ch_run_s(image_dir), range(count))))
+
+
+def slurm_rows(table, sizes, blocks, image_dir, charliecloud):
+    """The Charliecloud pool with each block a Slurm job: start against bare sruns, round
+    trip and throughput against the local Charliecloud pool's figures in `charliecloud`."""
+    on_slurm = "Slurm (Charliecloud): "
+    bare = median_of(sizes.per_task_runs, lambda: srun_ch_run_s(image_dir)) * 1e3
+    start = functools.partial(cold_start, image_dir, 1, runtime="charliecloud", provider=minipool.Slurm())
+    first = median_of(sizes.repeats, lambda: start()[0]) * 1e3
+    table.add(on_slurm + "constructor to first result", first, "bare srun ch-run IMG -- python3 -c pass", bare,
+              None, False, "ms")
+    start = functools.partial(cold_start, image_dir, 8, runtime="charliecloud", provider=minipool.Slurm())
+    every = median_of(sizes.repeats, lambda: start()[1]) * 1e3
+    table.add(on_slurm + "8 blocks: constructor to every block ready", every, "8 x bare srun ch-run at once",
+              concurrent_sruns_s(image_dir, 8) * 1e3, None, False, "ms")
+    with ContainerPoolExecutor(image_dir, blocks=blocks, runtime="charliecloud", provider=minipool.Slurm()) as ours:
+        for what, measure, size, unit, higher in [
+            ("no-op round trip", round_trip_us, sizes.round_trips, "us", False),
+            (f"no-op throughput, {sizes.outstanding:,} outstanding", throughput, sizes.outstanding, "tasks/s", True),
+        ]:
+            mine = median_of(sizes.repeats, functools.partial(measure, ours, size))
+            table.add(on_slurm + what, mine, "Charliecloud here, same run", charliecloud[what], None, higher, unit)
 
 
 # --------------------------------------------------------------------------- the table
@@ -688,9 +736,17 @@ def run(quick, image, image_dir):
         print("benchmark: no two-engine rows: starting a second dockerd needs root", file=sys.stderr)
 
     if shutil.which("ch-run") is None:
-        print("benchmark: no Charliecloud rows: no ch-run here (apt-get install charliecloud-runtime)", file=sys.stderr)
+        print("benchmark: no Charliecloud nor Slurm rows: no ch-run here (apt-get install charliecloud-runtime)",
+              file=sys.stderr)
     else:
-        charliecloud_rows(table, sizes, blocks, image_dir or charliecloud_image(image), docker_figures)
+        image_dir = image_dir or charliecloud_image(image)
+        charliecloud_figures = {}  # the local Charliecloud pool's, for the Slurm rows
+        charliecloud_rows(table, sizes, blocks, image_dir, docker_figures, charliecloud_figures)
+        if os.environ.get("SLURM_CONF") and shutil.which("srun"):
+            slurm_rows(table, sizes, blocks, image_dir, charliecloud_figures)
+        else:
+            print("benchmark: no Slurm rows: no SLURM_CONF or no srun (python tests/slurm_cluster.py python "
+                  "examples/benchmark.py starts a one-node cluster for the run)", file=sys.stderr)
 
     table.add("shutdown of an idle 4-block pool", median_of(sizes.repeats, lambda: idle_shutdown_s(image)) * 1e3,
               "target", 500, 1, False, "ms")

@@ -262,6 +262,8 @@ main() {
       || say "test: no podman here: its tests will skip (as root on Debian: apt-get install podman catatonit)"
     command -v ch-run >/dev/null \
       || say "test: no ch-run here: the Charliecloud tests will skip (as root on Debian: apt-get install charliecloud-runtime)"
+    command -v slurmctld >/dev/null \
+      || say "test: no Slurm here: its tests will skip (as root on Debian: apt-get install slurmctld slurmd slurm-client munge)"
     say "test: python -m pytest$([ $# -eq 0 ] || printf ' %q' "$@")"
     "$PY" -m pytest "$@"
     status=$?

@@ -64,7 +64,8 @@ def load_build():
     return build
 
 
-def run(fan_out, cache_dir, images, runtime):
+def run(fan_out, cache_dir, images, runtime, provider=None):
+    """provider: where the blocks run (examples/slurm.py passes a minipool.Slurm); None, here."""
     cache = cache_dir or True
     started = time.monotonic()
     # A Docker container's hostname is its short id; a ch-run process keeps the host's
@@ -72,9 +73,9 @@ def run(fan_out, cache_dir, images, runtime):
     where = "container {hostname}" if runtime == "docker" else "ch-run process {pid} on {hostname}"
     # blocks=0: no container until a call needs one; then up to max_blocks.
     with ContainerPoolExecutor(
-        images["app1_v0.1"], blocks=0, max_blocks=2, runtime=runtime, label="app1_v0.1"
+        images["app1_v0.1"], blocks=0, max_blocks=2, runtime=runtime, provider=provider, label="app1_v0.1"
     ) as pool_app1, ContainerPoolExecutor(
-        images["app2_v0.1"], blocks=0, max_blocks=1, runtime=runtime, label="app2_v0.1"
+        images["app2_v0.1"], blocks=0, max_blocks=1, runtime=runtime, provider=provider, label="app2_v0.1"
     ) as pool_app2:
 
         @pool_app1.app(cache=cache)
@@ -111,8 +112,9 @@ def run(fan_out, cache_dir, images, runtime):
         ran += bool(where)
         print(f"workflow: {name} {where or f'came from the cache in {cache_dir}'}", file=sys.stderr)
     took = time.monotonic() - started
+    placed = runtime if provider is None else f"{runtime} on Slurm"
     print(
-        f"workflow: {len(calls)} calls over two pools ({runtime}) in {took:.2f} s: {ran} ran in a container,"
+        f"workflow: {len(calls)} calls over two pools ({placed}) in {took:.2f} s: {ran} ran in a container,"
         f" {len(calls) - ran} came from the cache" + ("; no container was started" if ran == 0 else ""),
         file=sys.stderr,
     )

@@ -533,6 +533,9 @@ def runtime_of(request, make_pool, label):
             runtime = EngineRuntime(
                 name, make_pool, label, podman.client(), podman.url, podman.container_options, channel
             )
+        elif name == "slurm":
+            images, cluster = request.getfixturevalue("charliecloud_images"), request.getfixturevalue("slurm_cluster")
+            runtime = SlurmRuntime(name, make_pool, label, images, cluster)
         else:
             runtime = CommandRuntime(name, make_pool, label, request.getfixturevalue("charliecloud_images"))
         made.append(runtime)
@@ -562,3 +565,85 @@ def dump_stacks_on_deadlock():
     faulthandler.dump_traceback_later(DEADLOCK * 3, exit=False)
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+# --------------------------------------------------------------------------- Slurm
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node Slurm cluster of the session's own (tests/slurm_cluster.py: munged,
+    slurmctld, slurmd), SLURM_CONF pointing at it while the session runs; its daemons
+    stopped by pid and its directory removed at the end. Skips without Slurm or root,
+    except in CI."""
+    import slurm_cluster
+
+    why = slurm_cluster.missing()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no Slurm cluster can be started: {why}")
+        pytest.skip(why)
+    before = os.environ.get("SLURM_CONF")
+    with slurm_cluster.running_cluster() as cluster:
+        os.environ["SLURM_CONF"] = cluster.conf
+        try:
+            yield cluster
+        finally:
+            if before is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = before
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The session's cluster, for one test that must leave no job in its queue: what
+    is left after 15 s is cancelled, then the test fails."""
+    yield slurm_cluster
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not slurm_cluster.jobs(), timeout=15, what="the test's jobs to leave the queue")
+    left = slurm_cluster.jobs()
+    if left:
+        slurm_cluster.run("scancel", *[job_id for job_id, _, _ in left])
+    assert not left, f"jobs left in the queue: {left}"
+
+
+class SlurmRuntime(CommandRuntime):
+    """Charliecloud under Slurm (provider=minipool.Slurm()): a block is a job, whose
+    id is the block's id; srun is a child of the test's, in a session of its own."""
+
+    def __init__(self, name, make_pool, label, images, cluster):
+        super().__init__(name, make_pool, label, images)
+        self.cluster = cluster
+
+    def image(self, name=APP1):
+        return self.images.get(name, name)  # a Command's image is whatever its argv makes of it
+
+    def options(self):
+        import minipool
+
+        return {"runtime": "charliecloud", "provider": minipool.Slurm()}
+
+    def blocks(self):
+        """The test's jobs but those Slurm is ending (COMPLETING: their srun is gone, their processes killed)."""
+        super().blocks()  # srun's sessions, for close() to check
+        return [
+            job_id for job_id, name, state in self.cluster.jobs()
+            if name == f"minipool-{self.label}" and state != "COMPLETING"
+        ]
+
+    def seen_as(self, block):
+        return block  # helpers.block_after's SLURM_JOB_ID
+
+    def kill(self, block):
+        self.cluster.run("scancel", block)
+
+    def close(self):
+        """As a command runtime's, and no job may be left in the queue (the session's cluster is the tests' own)."""
+        super().close()
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not self.cluster.jobs(), timeout=15, what="the pools' jobs to leave the queue")
+        left = self.cluster.jobs()
+        if left:
+            self.cluster.run("scancel", *[job_id for job_id, _, _ in left])
+        assert not left, f"jobs left in the queue: {left}"

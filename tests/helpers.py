@@ -115,8 +115,11 @@ def hostname_after(seconds):
 
 def block():
     """Which block the task runs in: its container's hostname (the short id Docker and
-    Podman give it); under ch-run, which keeps the host's hostname and pids, the pid
-    of the block's process, the session leader of every process in the block."""
+    Podman give it); under Slurm, its job's id; under ch-run, which keeps the host's
+    hostname and pids, the pid of the block's process, the session leader of every
+    process in the block."""
+    if "SLURM_JOB_ID" in os.environ:
+        return os.environ["SLURM_JOB_ID"]
     return str(os.getsid(0)) if "CH_RUNNING" in os.environ else socket.gethostname()
 
 
@@ -290,6 +293,12 @@ class Dummy:
 
 def make_dummy(_):
     return Dummy()
+
+
+def block_at_gate(path):
+    """Which block ran the task (see block), once the test opens the gate `path`."""
+    wait_for_file(path)
+    return block()
 
 
 def hostname_at_gate(path):

@@ -70,6 +70,9 @@ SHELL_SKIPPED = {
     "python examples/apptainer.py --runtime singularity": "no Singularity here (no package)",
     "shifterimg pull": "no Shifter here (no package)",
     "python examples/apptainer.py --runtime shifter": "no Shifter here (no package)",
+    "python -m minipool --slurm cleanup": "cancels other runs' jobs: tests/test_slurm.py runs it on a dead caller's",
+    "python tests/slurm_cluster.py python examples/slurm.py": "starts a cluster of its own beside the session's: "
+    "tests/test_slurm.py runs examples/slurm.py on the session's cluster, and .ci/run the benchmark this way",
 }
 
 
@@ -107,6 +110,13 @@ def skipped(text, table):
 
 def needs_charliecloud(code):
     return "charliecloud" in code or "ch-run" in code
+
+
+def with_slurm(code, env, request):
+    """`env` for a block that needs a Slurm cluster (the session's, conftest's slurm_cluster), else as it is."""
+    if "Slurm(" not in code and "--slurm" not in code:
+        return env
+    return {**env, **request.getfixturevalue("slurm").environment()}
 
 
 @pytest.fixture
@@ -277,6 +287,7 @@ def test_python_block_runs_as_a_script(start, code, images, engine, shell_env, t
     if needs_charliecloud(code):
         request.getfixturevalue("charliecloud")
     env, work = shell_env
+    env = with_slurm(code, env, request)
     script = tmp_path / "block.py"
     script.write_text(code)
     # In the scratch checkout: the blocks name images/charliecloud/... as the README's reader would.
@@ -313,6 +324,10 @@ def ps_lists(done, engine, since, pid):
     assert done.stdout.split()[:2] == ["ENGINE", "CONTAINER"] or done.stdout.startswith("no minipool")
 
 
+def slurm_ps_lists(done, engine, since, pid):
+    assert done.stdout.split()[:2] == ["ENGINE", "CONTAINER"] and "slurm" not in done.stdout  # no job is left
+
+
 def charliecloud_images_made(done, engine, since, pid):
     made = re.findall(r"Charliecloud image director(?:y|ies) .*", done.stdout)
     assert made, done.stdout
@@ -347,6 +362,7 @@ SHELL_CHECKS = {
     "examples/run.sh demo": demo_prints_the_seeds_results,
     "python examples/workflow.py --cache results/": workflow_runs,
     "python -m minipool ps": ps_lists,
+    "python -m minipool --slurm ps": slurm_ps_lists,
     "python images/build.py --charliecloud": charliecloud_images_made,
     "python examples/seed_demo.py --runtime charliecloud": seed_demo_on_charliecloud,
     "python examples/workflow.py --runtime charliecloud": workflow_on_charliecloud,
@@ -363,6 +379,7 @@ def test_shell_block_runs(start, code, images, engine, shell_env, request):
     env, cwd = shell_env
     if needs_charliecloud(code):
         request.getfixturevalue("charliecloud")
+    env = with_slurm(code, env, request)
     for command in commands(code):
         if command not in SHELL_CHECKS:
             continue

@@ -1,0 +1,309 @@
+"""Blocks as Slurm jobs (issue 11): provider=minipool.Slurm(...), on a real one-node
+cluster of the session's own (conftest's slurm_cluster) with Charliecloud inside it.
+
+After every test no job of it may be left in the queue (the slurm fixture), nor a
+srun process of ours, nor a block directory (SlurmRuntime.close).
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import helpers
+import minipool
+from conftest import DEADLOCK
+from conftest import ROOT
+from conftest import holds
+from conftest import read_lines
+from conftest import start_script
+from conftest import wait_until
+from minipool import BrokenContainerPool
+from minipool import Command
+from minipool import ContainerPoolExecutor
+from minipool import Slurm
+from minipool import StartupError
+from minipool import WorkerLost
+
+# --------------------------------------------------------------------------- arguments, no cluster needed
+
+
+def test_srun_runs_the_runtimes_command_as_one_task_named_and_commented():
+    slurm = Slurm(partition="debug", time="01:00:00", account="proj", options=["--mem=4G"])
+    argv = minipool._srun_argv(slurm, "app1", "abc123", 4)
+    assert argv == [
+        "srun", "--unbuffered", "--ntasks=1", "--cpus-per-task=4", "--job-name=minipool-app1",
+        f"--comment=minipool.host={os.uname().nodename},minipool.pid={os.getpid()},minipool.executor=abc123",
+        "--partition=debug", "--time=01:00:00", "--account=proj", "--mem=4G",
+        "sh", "-c", minipool._SRUN_WRAPPER, "minipool-block",
+    ]
+
+
+@pytest.mark.parametrize("option", ["--output=x.log", "-e", "--job-name=mine", "--comment=x", "-u", "--pty"])
+def test_options_that_would_take_the_channel_or_the_jobs_name_are_refused(option):
+    with pytest.raises(ValueError, match=f"minipool sets {option.split('=')[0]} itself"):
+        Slurm(options=[option])
+
+
+@pytest.mark.parametrize(
+    "arguments, error, words",
+    [
+        ({"options": "--mem=4G"}, TypeError, "options must be a list"),
+        ({"partition": 3}, TypeError, "partition must be a string"),
+        ({"time": ""}, ValueError, "time must not be empty"),
+    ],
+    ids=["options as a string", "partition not a string", "empty time"],
+)
+def test_bad_slurm_arguments(arguments, error, words):
+    with pytest.raises(error, match=words):
+        Slurm(**arguments)
+
+
+def test_a_provider_needs_a_runtime_run_as_a_command():
+    with pytest.raises(ValueError, match=r"provider=Slurm.* not runtime='docker'"):
+        ContainerPoolExecutor("app1_v0.1", provider=Slurm())
+    with pytest.raises(TypeError, match=r"provider must be a minipool\.Slurm or None"):
+        ContainerPoolExecutor("/images/app1", runtime="charliecloud", provider="slurm")
+
+
+# --------------------------------------------------------------------------- on the cluster
+
+
+@pytest.fixture
+def on_slurm(runtime_of):
+    """Charliecloud under the session's Slurm cluster; at teardown no job may be left."""
+    return runtime_of("slurm")
+
+
+# A gate the test opens from outside: ch-run shares no directory of the host's but
+# those bound, so tmp_path is bound at the image's /shared.
+GATE = "/shared/gate"
+
+
+def sharing(tmp_path):
+    return {"volumes": [f"{tmp_path}:/shared"]}
+
+
+def job_of(cluster, job_id, field):
+    """A field of `scontrol show job` (NumCPUs, Comment, ...)."""
+    shown = cluster.run("scontrol", "--oneliner", "show", "job", job_id).stdout
+    return dict(word.split("=", 1) for word in shown.split() if "=" in word)[field]
+
+
+def test_blocks_are_jobs_that_ask_for_their_workers_cores(on_slurm, tmp_path):
+    pool = on_slurm.pool(blocks=2, workers_per_block=2, **sharing(tmp_path))
+    assert pool.submit(helpers.double, 21).result(DEADLOCK) == 42
+    running = [pool.submit(helpers.block_at_gate, GATE) for _ in range(4)]  # one a worker
+    wait_until(lambda: all(future.running() for future in running), what="a task on every worker")
+    (tmp_path / "gate").touch()
+    jobs = on_slurm.blocks()
+    assert {future.result(DEADLOCK) for future in running} == set(jobs) and len(jobs) == 2
+    for job_id in jobs:
+        assert job_of(on_slurm.cluster, job_id, "NumCPUs") == "2"
+        comment = job_of(on_slurm.cluster, job_id, "Comment")
+        assert f"minipool.host={os.uname().nodename},minipool.pid={os.getpid()}" in comment
+    assert list(pool.map(helpers.double, range(300), chunksize=7)) == [2 * i for i in range(300)]
+    pool.shutdown()
+    wait_until(lambda: not on_slurm.blocks(), timeout=10, what="the jobs to end with the pool")
+
+
+def test_elastic_blocks_are_jobs_submitted_then_cancelled(on_slurm, tmp_path):
+    pool = on_slurm.pool(blocks=0, max_blocks=3, idle_timeout=1, **sharing(tmp_path))
+    holds(lambda: not on_slurm.blocks(), 0.5, "no job before work comes")
+    running = [pool.submit(helpers.block_at_gate, GATE) for _ in range(6)]
+    wait_until(lambda: len(on_slurm.blocks()) == 3, what="three jobs for the work")
+    (tmp_path / "gate").touch()
+    assert {future.result(DEADLOCK) for future in running} <= set(on_slurm.blocks())
+    wait_until(lambda: not on_slurm.blocks(), what="the idle jobs to be cancelled")
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4  # a job again when work comes
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_job_cancelled_mid_task_is_a_lost_worker_then_a_new_job(on_slurm, tmp_path, retries):
+    pool = on_slurm.pool(retries=retries, **sharing(tmp_path))
+    running = pool.submit(helpers.block_at_gate, GATE)
+    wait_until(lambda: running.running() and on_slurm.blocks(), what="the task to run in a job")
+    (cancelled,) = on_slurm.blocks()
+    on_slurm.kill(cancelled)  # scancel
+    wait_until(lambda: on_slurm.blocks() not in ([], [cancelled]), what="a new job for the block")
+    (tmp_path / "gate").touch()
+    if retries:
+        assert running.result(DEADLOCK) == on_slurm.blocks()[0] != cancelled
+    else:
+        with pytest.raises(WorkerLost, match=f"(?s)STEP {cancelled}.0 ON .* CANCELLED"):
+            running.result(DEADLOCK)
+    assert pool.submit(helpers.block).result(DEADLOCK) != cancelled
+
+
+@pytest.mark.parametrize("stop", ["kill_workers", "terminate_workers"])
+def test_stopping_the_workers_ends_their_jobs(on_slurm, stop):
+    pool = on_slurm.pool(blocks=2)
+    running = [pool.submit(helpers.sleep_then, 60) for _ in range(2)]
+    wait_until(lambda: all(future.running() for future in running), what="a task in each job")
+    getattr(pool, stop)()
+    for future in running:
+        with pytest.raises(BrokenContainerPool, match=f"stopped with SIG.* by {stop}"):
+            future.result(DEADLOCK)
+    wait_until(lambda: not on_slurm.blocks(), timeout=10, what="the jobs to end")
+
+
+@pytest.mark.slow
+def test_a_job_past_its_time_limit_is_a_lost_worker_then_a_new_job(on_slurm):
+    """Slurm's limits are whole minutes, checked about once a minute: 1 to 2 minutes."""
+    pool = on_slurm.pool(provider=Slurm(time="1"))
+    running = pool.submit(time.sleep, 300)
+    wait_until(lambda: running.running() and on_slurm.blocks(), what="the task to run in a job")
+    (job_id,) = on_slurm.blocks()
+    assert job_of(on_slurm.cluster, job_id, "TimeLimit") == "00:01:00"
+    with pytest.raises(WorkerLost, match=f"(?s)STEP {job_id}.0 ON .* CANCELLED .* DUE TO TIME LIMIT"):
+        running.result(180)
+    assert pool.submit(helpers.block).result(DEADLOCK) != job_id
+
+
+def test_a_queued_job_is_logged_and_startup_timeout_counts_from_when_it_runs(on_slurm, caplog):
+    caplog.set_level(logging.INFO, logger="minipool")
+    # --hold: the job waits in the queue until released, longer than startup_timeout.
+    pool = on_slurm.pool(provider=Slurm(options=["--hold"]), startup_timeout=1)
+    future = pool.submit(helpers.block)
+    wait_until(lambda: on_slurm.blocks(), what="the job to be queued")
+    (job_id,) = on_slurm.blocks()
+    wait_until(lambda: f"Slurm job {job_id} is queued" in caplog.text, what="the log to say the job is queued")
+    holds(lambda: not future.done(), 2, "the task waiting for its queued job")
+    assert on_slurm.cluster.run("scontrol", "release", job_id).returncode == 0
+    assert future.result(DEADLOCK) == job_id
+
+
+def test_shutdown_cancels_a_job_still_queued(on_slurm):
+    pool = on_slurm.pool(provider=Slurm(options=["--hold"]))
+    wait_until(lambda: on_slurm.blocks(), what="the job to be queued")
+    started = time.monotonic()
+    pool.shutdown(wait=True)
+    assert time.monotonic() - started < 2
+    assert not on_slurm.blocks()
+
+
+def test_python3_on_the_node_without_a_container(on_slurm):
+    """runtime=Command([...]) with no container: the node's own python3, under srun."""
+    pool = on_slurm.pool(image="python3-on-the-node", runtime=Command(["env"]))
+    assert [pool.submit(helpers.block).result(DEADLOCK)] == on_slurm.blocks()
+    assert pool.submit(helpers.environ, "CH_RUNNING").result(DEADLOCK) is None  # in no container
+    assert pool.submit(helpers.where).result(DEADLOCK)[0] == os.getcwd()  # srun keeps the caller's directory
+
+
+KILLED_CALLER = """
+import time
+import helpers
+from minipool import ContainerPoolExecutor, Slurm
+pool = ContainerPoolExecutor({image!r}, blocks=2, runtime="charliecloud", provider=Slurm(), label={label!r},
+                             ship=[helpers.__file__])
+running = [pool.submit(helpers.sleep_then, 60) for _ in range(2)]
+while not all(f.running() for f in running):
+    time.sleep(0.01)
+print("running", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def a_caller_running_two_tasks(on_slurm, tmp_path):
+    """KILLED_CALLER, once its tasks run in two jobs; killed at the end. The blocks'
+    directories, which a killed caller cannot remove (the next pool on the host does:
+    test_runtimes), go to tmp_path instead of /tmp."""
+    (tmp_path / "tmp").mkdir()
+    code = KILLED_CALLER.format(image=on_slurm.image(), label=on_slurm.label)
+    process = start_script(code, environment={"TMPDIR": str(tmp_path / "tmp")})
+    try:
+        assert read_lines(process, 1) == ["running\n"]
+        assert len(on_slurm.blocks()) == 2
+        yield process
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_a_caller_killed_with_sigkill_leaves_no_job(on_slurm, tmp_path):
+    with a_caller_running_two_tasks(on_slurm, tmp_path) as process:
+        process.send_signal(signal.SIGKILL)
+        process.wait(DEADLOCK)
+        wait_until(lambda: not on_slurm.blocks(), timeout=5, what="the killed caller's jobs to end")
+
+
+@pytest.mark.slow
+def test_a_frozen_callers_jobs_end_once_their_stubs_find_it_silent(on_slurm, tmp_path):
+    """SIGSTOP: srun's stdin stays open, but the stubs hear nothing for 30 s (minipool._HOST_SILENCE)."""
+    with a_caller_running_two_tasks(on_slurm, tmp_path) as process:
+        process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        wait_until(lambda: not on_slurm.blocks(), timeout=minipool._HOST_SILENCE + 30, what="the jobs to end")
+        assert time.monotonic() - started > minipool._HOST_SILENCE / 2  # the silence, not something sooner
+
+
+def test_a_partition_that_does_not_exist_is_named_at_once(on_slurm):
+    with pytest.raises(StartupError, match="Slurm has no partition 'nope'; it has debug"):
+        on_slurm.pool(provider=Slurm(partition="nope"))
+
+
+def test_a_job_slurm_refuses_is_a_startup_error_with_what_srun_said(on_slurm):
+    pool = on_slurm.pool(provider=Slurm(options=["--constraint=nope"]))
+    with pytest.raises(StartupError, match=r"(?s)cannot start a block on charliecloud on Slurm \(the command line: "
+                                           r"srun .* --constraint=nope .*\): srun ended \(exit code 1\) before its "
+                                           r"job ran; it said:\n.*Invalid feature specification"):
+        pool.submit(helpers.double, 1).result(DEADLOCK)
+
+
+def test_no_srun_is_a_startup_error_naming_the_command_line(on_slurm, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(StartupError, match=r"cannot run charliecloud on Slurm \(the command line: srun --unbuffered "
+                                           r".* ch-run .*\): no srun on PATH"):
+        on_slurm.pool()
+
+
+def queue_a_job_of_a_dead_caller(cluster):
+    """A held job whose comment names a caller that is gone, as a SIGKILLed caller's queued job is left."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    comment = f"minipool.host={os.uname().nodename},minipool.pid={gone.pid},minipool.executor=deadbeef"
+    subprocess.Popen(
+        ["srun", "--hold", "--job-name=minipool-orphan", f"--comment={comment}", "true"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **cluster.environment()},
+    )
+    wait_until(lambda: [job for job in cluster.jobs() if job[1] == "minipool-orphan"], what="the orphan to queue")
+    return next(job_id for job_id, name, _ in cluster.jobs() if name == "minipool-orphan")
+
+
+def test_ps_lists_and_cleanup_cancels_a_dead_callers_jobs(slurm):
+    job_id = queue_a_job_of_a_dead_caller(slurm)
+    command = [sys.executable, "-m", "minipool", "--slurm"]
+    listed = subprocess.run([*command, "ps"], capture_output=True, text=True, cwd=ROOT, timeout=DEADLOCK)
+    assert listed.returncode == 0, listed.stderr
+    (line,) = [line for line in listed.stdout.splitlines() if line.split()[1:2] == [job_id]]
+    assert line.split()[0] == "slurm" and "gone" in line and "deadbeef" in line and "orphan" in line
+    cleaned = subprocess.run([*command, "cleanup"], capture_output=True, text=True, cwd=ROOT, timeout=DEADLOCK)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert f"cancelled Slurm job {job_id}" in cleaned.stdout
+    wait_until(lambda: not slurm.jobs(), what="the orphan to be cancelled")
+
+
+def test_a_new_pool_cancels_the_jobs_dead_callers_left(on_slurm):
+    job_id = queue_a_job_of_a_dead_caller(on_slurm.cluster)
+    pool = on_slurm.pool(blocks=0)
+    wait_until(lambda: job_id not in [job[0] for job in on_slurm.cluster.jobs()], what="the orphan to be cancelled")
+    pool.shutdown()
+
+
+def test_the_example_prints_the_seeds_workflow(slurm, charliecloud_images):
+    from test_readme import WORKFLOW_STDOUT
+
+    images = [charliecloud_images["app1_v0.1"], charliecloud_images["app2_v0.1"]]
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "slurm.py"), "--images", *images],
+        capture_output=True, text=True, timeout=DEADLOCK * 2,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == WORKFLOW_STDOUT
+    assert "on Slurm" in done.stderr
