@@ -541,6 +541,9 @@ _CHANNELS = ("auto", "socket", "attach")
 _CHANNEL_MOUNT = "/minipool-channel"
 # An engine's channel directory (minipool-channel-HOST-PID-RANDOM), in the temporary directory.
 _CHANNEL_DIR = "minipool-channel-"
+# How long a connection to a container's socket may take to say the secret: the
+# stub's is in the socket before its READY, so one that waits is someone else's.
+_SECRET_WAIT = 0.05
 
 
 class _DirectChannels:
@@ -622,14 +625,15 @@ class _Direct:
             raise
 
     def accept(self, deadline: float) -> socket.socket:
-        """The stub's connection: the first to say the secret (it did, before its
-        READY). Others are closed and logged; TimeoutError past the deadline."""
+        """The stub's connection: the first to have said the secret (it did, before
+        its READY, so it waits in the socket already). Others are closed and logged;
+        TimeoutError past the deadline."""
         while True:
             self.listener.settimeout(max(deadline - time.monotonic(), 0.001))
             connection, _ = self.listener.accept()
             said = bytearray(len(self.secret))
             with contextlib.suppress(OSError, EOFError):
-                connection.settimeout(min(max(deadline - time.monotonic(), 0.001), 1.0))
+                connection.settimeout(_SECRET_WAIT)
                 _stub.fill(connection.recv_into, said)
             if hmac.compare_digest(said, self.secret):
                 return connection
@@ -719,9 +723,9 @@ class _Engine(_Placement):
         try:
             return str(self.client.containers.create(**{**options, "mounts": mounts}).id)
         except docker.errors.APIError as exc:
-            if self.channels.mode == "socket":
+            if self.channels.mode == "socket" or mounts[-1]["Source"] not in str(exc.explanation):
                 raise
-            container_id = str(self.client.containers.create(**options).id)  # the mount's fault if it works
+            container_id = str(self.client.containers.create(**options).id)
             self.channels.refuse(f"the engine refused to mount {self.channels.directory}: {exc.explanation}")
             return container_id
 
@@ -1290,8 +1294,11 @@ def _stub_archive(ship: Sequence[str]) -> bytes:
         with open(path, "rb") as file:
             data = file.read()
         archive += _boot_file(name, data)
-        if name.endswith(".py"):
-            archive += _boot_file(importlib.util.cache_from_source(name), _bytecode(path, data))
+        bytecode = _bytecode(path, data) if name.endswith(".py") and sys.implementation.cache_tag else None
+        if bytecode is not None:
+            stem = os.path.splitext(os.path.basename(name))[0]
+            cached = f"__pycache__/{stem}.{sys.implementation.cache_tag}.pyc"  # not PYTHONPYCACHEPREFIX's
+            archive += _boot_file(os.path.join(os.path.dirname(name), cached), bytecode)
     return bytes(archive)
 
 
@@ -1301,9 +1308,13 @@ def _boot_file(name: str, data: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=1024)  # by content: the next pool's start compiles nothing
-def _bytecode(path: str, source: bytes) -> bytes:
-    """An unchecked-hash .pyc of a source file (PEP 552)."""
-    code = compile(source, path, "exec", dont_inherit=True)
+def _bytecode(path: str, source: bytes) -> bytes | None:
+    """An unchecked-hash .pyc of a source file (PEP 552); None for one this Python
+    cannot compile (shipped code may be for the image's newer Python)."""
+    try:
+        code = compile(source, path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return None
     flags = struct.pack("<I", 0b01)  # hash-based, source not checked
     return importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source) + marshal.dumps(code)
 
@@ -1970,9 +1981,10 @@ class _Reader:
                 continue
             if kind not in (_stub.RESULT, _stub.RAISED, _stub.LOST):
                 raise ValueError(f"unexpected message kind {kind} for task {task_id}")
-            # Unpickled before the task leaves flight: a large result is read as it is
-            # unpickled, and if the stream breaks meanwhile, the task died with its container.
-            outcome = None if kind == _stub.LOST else _outcome(kind, payload, where)
+            # A large result is read as it is unpickled: its task is in flight until its
+            # last byte is in, and died with its container if the stream breaks first.
+            streamed = isinstance(payload, _stub.Stream)
+            outcome = _outcome(kind, payload, where) if streamed else None
             item, timed_out = self._pool.answered(container, task_id, kind)
             if timed_out:
                 continue  # the answer of a task that had just run out of time
@@ -1983,6 +1995,8 @@ class _Reader:
                 self._orphaned([item], self._process_lost(payload))
                 continue
             item.keep_output()
+            if not streamed:  # its own code may take its time: not against task_timeout
+                outcome = _outcome(kind, payload, where)
             if isinstance(outcome, _Raised):
                 item.future.set_exception(outcome.exception)
             else:

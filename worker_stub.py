@@ -548,13 +548,19 @@ def connect(path, secret):
     import socket  # only the direct channel needs it
 
     direct = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Anyone on the host can fill the socket's backlog: then not wait for ever, but say so.
+    direct.settimeout(CONNECT_TIMEOUT)
     try:
         direct.connect(path)
         direct.sendall(secret)
+        direct.settimeout(None)  # blocking again, as the descriptor is used from now on
     except OSError as exc:
         direct.close()
         return None, "cannot connect to %s in the container: %s" % (path, exc)
     return direct, ""
+
+
+CONNECT_TIMEOUT = 5.0  # seconds
 
 
 def version_hint(host_python):
@@ -596,6 +602,7 @@ class Channel:
         self.lock = threading.Lock()  # held by whichever thread reads
         self.early: collections.deque = collections.deque()  # messages the watcher read
         self.busy = False  # the main thread runs a task
+        self.loading = False  # the main thread unpickles a task (reading it, if a Stream)
         self.heard = time.monotonic()
 
     def read(self):
@@ -611,8 +618,10 @@ class Channel:
         """The next message, KEEPALIVE included (by the thread that reads)."""
         return read_message(self.readinto, sys.maxsize, streams)
 
-    def start_task(self):
+    def loaded(self):
         """The task's payload is read: the watcher may read the channel while it runs."""
+        self.heard = time.monotonic()
+        self.loading = False
         self.busy = True
 
     def readinto(self, view):
@@ -632,7 +641,10 @@ class Channel:
                 host_gone("the host hung up")
             if events and self.busy and self.lock.acquire(blocking=False):
                 try:
-                    self.early.append(self.receive())
+                    # Again under the lock: the main thread may have taken a new task as a
+                    # Stream meanwhile, whose bytes are its own to read.
+                    if self.busy:
+                        self.early.append(self.receive())
                 except EOFError:
                     host_gone("the host hung up")
                 finally:
@@ -642,8 +654,10 @@ class Channel:
                 host_gone(why)
 
     def unheard(self):
-        """Why the host counts as gone when it has been silent too long, else ''."""
-        if time.monotonic() - self.heard > self.silence:
+        """Why the host counts as gone when it has been silent too long, else ''.
+        Not while a task is unpickled: an import or a __setstate__ may take longer,
+        and the host's keepalives are not read meanwhile."""
+        if not self.loading and time.monotonic() - self.heard > self.silence:
             return "the host has been silent for %d s" % self.silence
         return ""
 
@@ -671,7 +685,8 @@ def serve(channel, send, run):
         if kind == STOP:
             return
         output.start(task_id)
-        reply, parts = run(kind, payload, loaded=channel.start_task)  # catches what the task raises
+        channel.loading = True
+        reply, parts = run(kind, payload, loaded=channel.loaded)  # catches what the task raises
         output.end()
         del payload
         send(reply, task_id, parts)

@@ -369,3 +369,17 @@ def large_result_then_killed(size, delay):
     data = bytes(size)
     threading.Thread(target=lambda: (time.sleep(delay), os.kill(os.getpid(), signal.SIGKILL)), daemon=True).start()
     return data
+
+
+class SlowToUnpickle:
+    """Unpickles to `value` after `seconds`, as an argument whose module is slow to import would."""
+
+    def __init__(self, seconds, value):
+        self.seconds, self.value = seconds, value
+
+    def __reduce__(self):
+        return sleep_then, (self.seconds, self.value)
+
+
+def slow_to_unpickle(seconds, value):
+    return SlowToUnpickle(seconds, value)

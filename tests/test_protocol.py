@@ -3,6 +3,7 @@
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -211,6 +212,77 @@ def test_bootstrap_imports_the_stub_from_the_hosts_bytecode(tmp_path, python):
     finally:
         process.stdout.close()
         process.stderr.close()
+
+
+def _boots(archive, tmp_path):
+    """Whether `python -c BOOTSTRAP` answers HELLO with READY when sent `archive`."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", stub.BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    writev = lambda views: process.stdin.write(b"".join(views))  # noqa: E731
+    stub.write_message(writev, stub.BOOT, 0, [archive])
+    hello = {**HELLO, "python": list(sys.version_info[:2])}
+    stub.write_message(writev, stub.HELLO, 0, [pickle.dumps(hello, stub.PLAIN_PROTOCOL)])
+    process.stdin.close()
+    try:
+        return stub.read_message(process.stdout.readinto, 1 << 20)[0] == stub.READY
+    except EOFError:
+        return False
+    finally:
+        process.wait(10)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_shipped_code_this_python_cannot_compile_goes_as_source(tmp_path):
+    """Shipped code may be for the image's newer Python: no bytecode for it."""
+    import minipool
+
+    package = tmp_path / "newer"
+    package.mkdir()
+    (package / "syntax.py").write_text("type Alias = int  # Python 3.12\n")
+    archive = minipool._stub_archive([str(package)])
+    assert set(_boot_files(archive)) >= {"ship/newer/syntax.py"}
+    assert not any(name.startswith("ship/newer/__pycache__/") for name in _boot_files(archive))
+    assert _boots(archive, tmp_path)
+
+
+def test_a_pycache_prefix_on_the_host_changes_nothing_in_the_archive(tmp_path, monkeypatch):
+    import minipool
+
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "pycache"))
+    archive = minipool._stub_archive([])
+    assert f"__pycache__/worker_stub.{sys.implementation.cache_tag}.pyc" in _boot_files(archive)
+    assert _boots(archive, tmp_path)
+
+
+def test_a_full_backlog_makes_the_stub_give_up_the_socket_not_hang(tmp_path, monkeypatch):
+    """Anyone on the host can fill a socket's backlog: the stub says why it cannot
+    connect (in READY), and the host keeps the attach stream."""
+    monkeypatch.setattr(stub, "CONNECT_TIMEOUT", 0.5)
+    path = str(tmp_path / "full.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    squatters = []
+    try:
+        while True:  # until the backlog is full: connect would block
+            squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            squatter.setblocking(False)
+            squatters.append(squatter)
+            try:
+                squatter.connect(path)
+            except BlockingIOError:
+                break
+        started = time.monotonic()
+        direct, why = stub.connect(path, b"secret")
+        assert direct is None and why.startswith(f"cannot connect to {path}")  # EAGAIN, or timed out
+        assert time.monotonic() - started < 5
+    finally:
+        for squatter in squatters:
+            squatter.close()
+        listener.close()
 
 
 def test_bootstrap_refuses_anything_but_the_archive():

@@ -50,6 +50,22 @@ def test_keepalives_keep_a_quiet_task_past_the_silence_limit(monkeypatch, make_p
     assert pool.submit(helpers.hostname_after, 5).result(DEADLOCK) == here
 
 
+@pytest.mark.parametrize("size", [0, 2 << 20], ids=["small", "streamed"])
+def test_a_task_slow_to_unpickle_outlasts_the_silence_limit(monkeypatch, make_pool, size):
+    """While the stub unpickles a task (a streamed one: reading it as it goes) it
+    reads no KEEPALIVE: that time does not count as the host's silence."""
+    monkeypatch.setattr(minipool, "_HOST_SILENCE", 2)
+    pool = make_pool()
+    argument = (helpers.SlowToUnpickle(5, "unpickled"), b"x" * size)
+    assert pool.submit(helpers.identity, argument).result(DEADLOCK)[0] == "unpickled"
+
+
+def test_a_result_slow_to_unpickle_on_the_host_is_not_a_timeout(make_pool):
+    """task_timeout counts until the result is in; unpickling it runs the host's own time."""
+    pool = make_pool(task_timeout=2)
+    assert pool.submit(helpers.slow_to_unpickle, 4, "done").result(DEADLOCK) == "done"
+
+
 @pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL])
 def test_a_host_that_stops_answering_loses_its_containers(any_engine, images, label, how):
     """With the caller frozen, or killed on Podman (which ignores StdinOnce): the
