@@ -55,6 +55,9 @@ def start_script(code, env_path=(ROOT, TESTS), cwd=None, environment=(), new_ses
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=new_session,
+        # As a user's script from a terminal: a runner started in the background of a
+        # shell (`.ci/run &`) ignores SIGINT, and so would the script, deaf to Ctrl-C.
+        restore_signals=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
