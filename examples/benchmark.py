@@ -435,16 +435,22 @@ def idle_shutdown_s(image):
 
 
 def peak_rss_mb(image, size):
-    """Peak RSS growth of a fresh process that receives a `size`-byte result."""
+    """Peak RSS growth of a fresh process that receives a `size`-byte result. (Its
+    VmHWM: ru_maxrss starts from this process's RSS at the fork, which hid the growth.)"""
     code = f"""
-        import resource, sys
+        import sys
         sys.path.insert(0, {ROOT!r})
         from minipool import ContainerPoolExecutor
+
+        def peak_mb():
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
         with ContainerPoolExecutor({image!r}) as pool:
             pool.submit(abs, 0).result()
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            before = peak_mb()
             result = pool.submit(bytes, {size}).result()
-            print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+            print(peak_mb() - before)
     """
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True)
     return float(out.stdout)
