@@ -697,8 +697,9 @@ def run(quick, image, image_dir):
         baselines["result"] = median_of(sizes.repeats, lambda: result_rate(processes, sizes.payload))
     # The direct channel (what channel="auto" chose here), then the attach stream.
     for channel in ("auto", "attach"):
-        with told_channel() as told, ContainerPoolExecutor(image, blocks=blocks, channel=channel) as ours:
-            ours.submit(abs, 0).result()
+        with told_channel() as told, block_readiness() as ready, \
+                ContainerPoolExecutor(image, blocks=blocks, channel=channel) as ours:
+            ready.wait(blocks)  # the second block's start is no part of these rows
             name = "socket" if "unix sockets" in told[0] else "attach"
             table.notes.append(f'channel="{channel}": the containers {told[0]}')
             figures = channel_rows(table, sizes, ours, name, baselines, raw)
