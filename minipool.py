@@ -3303,10 +3303,8 @@ def _on_engine(url: str | None, command: str, remove_all: bool) -> bool:
             owner = _owner_text(labels)
             short_id = container["Id"][:12]
             if command == "ps":
-                print(
-                    f"{where[:24]:24} {short_id} {container['State']:10} {_age(container['Created']):>5} "
-                    f"{owner[:28]:28} {labels.get('minipool.executor', '?'):12} {labels.get('minipool.label', '')}"
-                )
+                _ps_row(where, short_id, container["State"], _age(container["Created"]), owner, labels,
+                        labels.get("minipool.label", ""))
             elif remove_all or _owner(labels) == "gone":
                 try:
                     _remove_container(client.api, container["Id"])
@@ -3316,6 +3314,14 @@ def _on_engine(url: str | None, command: str, remove_all: bool) -> bool:
                 else:
                     print(f"removed {short_id} ({container['State']}, owner {owner}) from {where}")
     return failed
+
+
+def _ps_row(where: str, what: str, state: str, age: str, owner: str, labels: Mapping[str, str], label: str) -> None:
+    """One line of `python -m minipool ps`: a container, or a Slurm job."""
+    print(
+        f"{where[:24]:24} {what:12} {state:10} {age:>5} {owner[:28]:28} "
+        f"{labels.get('minipool.executor', '?'):12} {label}"
+    )
 
 
 def _on_slurm(command: str, remove_all: bool) -> bool:
@@ -3330,10 +3336,7 @@ def _on_slurm(command: str, remove_all: bool) -> bool:
         labels = job.labels
         owner = _owner_text(labels)
         if command == "ps":
-            print(
-                f"{'slurm':24} {job.id:12} {job.state:10} {_age(job.submitted):>5} {owner[:28]:28} "
-                f"{labels.get('minipool.executor', '?'):12} {job.name.removeprefix('minipool-')}"
-            )
+            _ps_row("slurm", job.id, job.state, _age(job.submitted), owner, labels, job.name.removeprefix("minipool-"))
         elif remove_all or _owner(labels) == "gone":
             try:
                 _slurm("scancel", job.id)

@@ -336,16 +336,20 @@ class ReadyCounter(logging.Handler):
 
 
 @contextlib.contextmanager
-def block_readiness():
-    counter = ReadyCounter()
+def listening(handler):
+    """`handler` on minipool's logger, at INFO, for the block."""
     logger = logging.getLogger("minipool")
-    logger.addHandler(counter)
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        yield counter
+        yield handler
     finally:
-        logger.removeHandler(counter)
+        logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
+
+
+def block_readiness():
+    return listening(ReadyCounter())
 
 
 @contextlib.contextmanager
@@ -356,14 +360,8 @@ def told_channel():
     handler.emit = lambda record: told.extend(  # type: ignore[method-assign]
         record.getMessage().split("talk to it ", 1)[1:]
     )
-    logger = logging.getLogger("minipool")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with listening(handler):
         yield told
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(logging.NOTSET)
 
 
 def cold_start(image, blocks, engine=None, runtime="docker", provider=None):
