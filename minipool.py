@@ -681,14 +681,14 @@ class _Engine(_Placement):
         """
         direct = self.channels.offer()
         try:
-            container_id = self._create(settings, direct)
+            container_id, mounted = self._create(settings, direct)
         except BaseException as exc:
             if direct is not None:
                 direct.close()
             if isinstance(exc, (docker.errors.DockerException, OSError)):
                 raise _engine_refused(exc, self, settings) from _bare(exc)
             raise
-        if direct is not None and direct.channels.refused:  # created without the mount
+        if direct is not None and not mounted:
             direct.close()
             direct = None
         _logger.debug("pool %s: created container %s on %s", settings.label, container_id[:12], self.name)
@@ -713,21 +713,22 @@ class _Engine(_Placement):
             raise
         return container
 
-    def _create(self, settings: _Settings, direct: _Direct | None) -> str:
+    def _create(self, settings: _Settings, direct: _Direct | None) -> tuple[str, bool]:
         """Create the container, with the channel directory mounted when it is offered
-        a direct channel; an engine that refuses the mount gets none from then on."""
-        if direct is None:
-            return str(self.client.containers.create(**settings.create_options).id)
+        a direct channel; its id, and whether it has the mount. An engine that refuses
+        the mount gets none from then on."""
         options = settings.create_options
+        if direct is None:
+            return str(self.client.containers.create(**options).id), False
         mounts = [*options.get("mounts", []), self.channels.mount()]
         try:
-            return str(self.client.containers.create(**{**options, "mounts": mounts}).id)
+            return str(self.client.containers.create(**{**options, "mounts": mounts}).id), True
         except docker.errors.APIError as exc:
             if self.channels.mode == "socket" or mounts[-1]["Source"] not in str(exc.explanation):
                 raise
             container_id = str(self.client.containers.create(**options).id)
             self.channels.refuse(f"the engine refused to mount {self.channels.directory}: {exc.explanation}")
-            return container_id
+            return container_id, False
 
     def kill(self, container: _Container, how: signal.Signals) -> None:
         with contextlib.suppress(docker.errors.DockerException, OSError):

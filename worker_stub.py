@@ -57,8 +57,11 @@ PICKLE_PROTOCOL = 5
 # For the dicts of plain values in HELLO, READY, LOST and DROPPED: every Python 3
 # reads it, and the stub needs no json (whose import was a fifth of a block's start).
 PLAIN_PROTOCOL = 2
-# A payload this large is received into an mmap rather than a bytearray.
+# A payload this large is received into an mmap rather than a bytearray (or read
+# as it is unpickled: Stream).
 LARGE = 1 << 20
+# Seconds the stub tries to connect to the host's socket (the direct channel).
+CONNECT_TIMEOUT = 5.0
 # Buffers one writev may take (Linux and macOS); a pickle of many large objects has more.
 IOV_MAX = 1024
 
@@ -558,9 +561,6 @@ def connect(path, secret):
         direct.close()
         return None, "cannot connect to %s in the container: %s" % (path, exc)
     return direct, ""
-
-
-CONNECT_TIMEOUT = 5.0  # seconds
 
 
 def version_hint(host_python):
