@@ -263,7 +263,7 @@ class _RemoteTraceback(Exception):
 class _WorkItem:
     __slots__ = (
         "attempts", "deadline", "expected", "future", "kind", "lines", "output", "pace_key", "parts", "running",
-        "sent_at", "size",
+        "sent_at", "size", "suspect",
     )
 
     def __init__(self, future: Future, kind: int, fn: Callable[..., Any], parts: list, size: int) -> None:
@@ -278,6 +278,9 @@ class _WorkItem:
         self.sent_at = 0.0
         self.deadline: float | None = None  # when task_timeout runs out, once sent
         self.attempts: list[WorkerLost] = []  # earlier containers lost while running it
+        # It was in flight with others when their container died, and may have ended
+        # it: from then on it runs alone, so that a death names it (_Pool.stream_ended).
+        self.suspect = False
         self.output: bytearray | None = None  # what it wrote, every attempt
         self.lines: _Lines | None = None  # its output as logged, in its current container
 
@@ -1679,6 +1682,7 @@ class _Container:
         # Owned by the pool's lock:
         self.in_flight: dict[int, _WorkItem] = {}
         self.backlog = 0.0  # seconds the tasks in flight should take, all told
+        self.suspect_running = False  # a suspect task is in flight: none joins it
         self.sent = 0  # tasks sent, for max_tasks_per_block
         self.expired: dict[int, _WorkItem] = {}  # tasks that ran past task_timeout
         self.lost = False
@@ -2132,7 +2136,10 @@ class _Pool:
         tasks it had started are returned, to fail or retry.
 
         The stub starts tasks in the order it got them, so only the first it got
-        (one per worker) had started; the others are unharmed."""
+        (one per worker) had started; the others are unharmed. But one worker may
+        have finished the first few and held their results (worker_stub.Outbox):
+        when it had more than one task, any of them may have ended it. Then none is
+        charged: all go back, and those sent run alone from now on (suspects)."""
         with self._changed:
             container.lost = True
             in_flight = sorted(container.in_flight, key=lambda task_id: container.sent_order.get(task_id, math.inf))
@@ -2141,6 +2148,14 @@ class _Pool:
             if requeue and self._broken is None:
                 sent = sum(task_id in container.sent_order for task_id in in_flight)
                 started = min(sent, self._settings.workers_per_block)
+                if self._settings.workers_per_block == 1 and sent > 1:
+                    _logger.info(
+                        "pool %s: container %s died with %d tasks sent; each runs again alone, to learn which "
+                        "one ended it", self._label, container.short_id, sent,
+                    )
+                    for item in items[:sent]:
+                        item.suspect = True
+                    started = 0
                 self._pending.extendleft(reversed(items[started:]))
                 items = items[:started]
             self._changed.notify_all()
@@ -2503,6 +2518,8 @@ class _Pool:
         # would be lost with it, so with a timeout there is one task in flight per worker.
         if self._settings.task_timeout is not None or len(container.in_flight) >= _MAX_IN_FLIGHT:
             return False
+        if item.suspect or container.suspect_running:
+            return False
         return container.backlog + self._pace(item) <= _PIPELINE_SECONDS * self._settings.workers_per_block
 
     def _has_free_worker(self, container: _Container) -> bool:
@@ -2521,6 +2538,8 @@ class _Pool:
         if self._settings.task_timeout is not None:
             item.deadline = item.sent_at + self._settings.task_timeout
         task_id = next(self._task_ids)
+        if not container.in_flight:
+            container.suspect_running = item.suspect
         container.in_flight[task_id] = item
         # What the task adds to the backlog; after a timeout or with the container
         # lost, the backlog no longer matters: it takes no more tasks.
@@ -2903,7 +2922,9 @@ class ContainerPoolExecutor(Executor):
         replaced, and its future raises TimeoutError. With it, tasks are not
         pipelined (a kill would take the tasks queued behind).
     retries: how many times a task whose container died is run again (first in
-        line for the next free block) before it fails with WorkerLost.
+        line for the next free block) before it fails with WorkerLost. A quick
+        task that was in flight with others when they died is not charged: it
+        runs again alone, which names the one that ends its container.
     max_tasks_per_block: replace a container after it ran this many tasks.
     max_message_size: bytes; a larger argument or result fails its future.
     min_blocks, max_blocks, idle_timeout: elastic blocks. While work waits and

@@ -11,7 +11,7 @@ attach connection ties to the host:
     host ◄── READY ──  stub            (Python version, pickle protocol, pid)
     host ── CALL/CHUNK(task id) ──►    stub runs fn(*args, **kwargs) in its main thread
     host ◄── OUTPUT(task id) ...  ───  what the task writes to stdout and stderr, as it comes
-    host ◄── RESULT/RAISED(task id) ─  stub
+    host ◄── RESULT/RAISED(task id) ─  stub (a run of quick tasks' in one write: Outbox)
 
 When HELLO names a unix socket (the host's, in a directory mounted into the
 container) and a secret, the stub connects to it and says the secret before its
@@ -38,6 +38,7 @@ import contextlib
 import faulthandler
 import fcntl
 import functools
+import math
 import mmap
 import os
 import pickle
@@ -64,6 +65,9 @@ LARGE = 1 << 20
 CONNECT_TIMEOUT = 5.0
 # Buffers one writev may take (Linux and macOS); a pickle of many large objects has more.
 IOV_MAX = 1024
+# Results held back (Outbox) at most this long, and this many bytes of them.
+HOLD_SECONDS = 0.001
+HOLD_BYTES = 1 << 16
 
 # Message kinds. Host to stub:
 BOOT = 8  # worker_stub.py, lib/ (cloudpickle) and ship/ (the user's modules), each file as BOOT_FILE
@@ -599,20 +603,29 @@ class Channel:
         self.lifeline = lifeline  # stdin: the engine closes it when the host's attach drops
         self.silence = float("inf")  # seconds, from the host's HELLO
         self.read_some = os.fdopen(fd, "rb", buffering=0).readinto
+        self.waiting = select.poll()  # whether the host said something not read yet
+        self.waiting.register(fd, select.POLLIN)
         self.lock = threading.Lock()  # held by whichever thread reads
         self.early: collections.deque = collections.deque()  # messages the watcher read
         self.busy = False  # the main thread runs a task
         self.loading = False  # the main thread unpickles a task (reading it, if a Stream)
         self.heard = time.monotonic()
 
-    def read(self):
+    def read(self, outbox):
         """The next message that is not a KEEPALIVE, for the main thread: a large
-        task as a Stream, which it reads, not busy yet, as it unpickles it."""
+        task as a Stream, which it reads, not busy yet, as it unpickles it. What
+        the outbox holds is written first if it has to wait for one."""
         with self.lock:
             while True:
+                if outbox.held and not self.news():
+                    outbox.write()
                 kind, task_id, payload = self.early.popleft() if self.early else self.receive((CALL, CHUNK))
                 if kind != KEEPALIVE:
                     return kind, task_id, payload
+
+    def news(self):
+        """Whether the host said something the main thread has not read yet."""
+        return bool(self.early or self.waiting.poll(0))
 
     def receive(self, streams=()):
         """The next message, KEEPALIVE included (by the thread that reads)."""
@@ -631,13 +644,24 @@ class Channel:
         self.heard = time.monotonic()
         return count
 
-    def watch(self):
+    def watch(self, outbox):
+        """The watcher thread: end the container when the host goes away, read the
+        host's messages while a task runs, write the results held for HOLD_SECONDS."""
         poller = select.poll()
         poller.register(self.lifeline, HANGUP)
+        poller.register(outbox.holding, select.POLLIN)
+        timeout = 1000
         while True:
             poller.register(self.fd, HANGUP | (select.POLLIN if self.busy else 0))
-            events = poller.poll(1000)
+            events = poller.poll(timeout)
             if any(event & HANGUP for _, event in events):
+                host_gone("the host hung up")
+            if (outbox.holding, select.POLLIN) in events:
+                events.remove((outbox.holding, select.POLLIN))
+                os.read(outbox.holding, 1 << 12)
+            try:
+                timeout = outbox.write_overdue()
+            except OSError:
                 host_gone("the host hung up")
             if events and self.busy and self.lock.acquire(blocking=False):
                 try:
@@ -662,34 +686,87 @@ class Channel:
         return ""
 
 
-def locked(writev):
-    """send(kind, task_id, parts) for the threads of one process: whole messages."""
-    lock = threading.Lock()
+class Outbox:
+    """The messages of one worker's threads to the host, each whole, in order. A
+    result may wait (hold) while the worker runs the tasks already sent after it,
+    so that the results of a run of quick tasks leave in one write: an engine's
+    attach relay costs more per write than per byte. They leave when the worker
+    would wait for the host, with any other message, or when held for
+    HOLD_SECONDS (written by the watcher: a slow task does not delay them)."""
 
-    def send(kind, task_id, parts):
-        with lock:
-            write_message(writev, kind, task_id, parts)
+    def __init__(self, writev):
+        self.writev = writev
+        self.lock = threading.Lock()
+        self.held = []  # headers and payloads
+        self.held_bytes = 0
+        self.since = None  # when the oldest held result was held
+        # Told when results start to wait: it wakes the watcher, which times them.
+        self.holding, self.held_signal = os.pipe()
 
-    return send
+    def send(self, kind, task_id, parts):
+        """Write the message now, after those held."""
+        with self.lock:
+            self._add(kind, task_id, parts)
+            self._write()
+
+    def hold(self, kind, task_id, parts, later):
+        """Write the message `later` (but now if those held are many bytes)."""
+        with self.lock:
+            self._add(kind, task_id, parts)
+            if not later or self.held_bytes >= HOLD_BYTES:
+                self._write()
+            elif self.since is None:
+                self.since = time.monotonic()
+                os.write(self.held_signal, b"!")
+
+    def write(self):
+        """Write the messages held."""
+        with self.lock:
+            self._write()
+
+    def write_overdue(self):
+        """Write the messages held for HOLD_SECONDS; the milliseconds until those
+        held are due (a second if none), for the watcher's poll."""
+        if not self.lock.acquire(blocking=False):
+            return 1  # a write is under way
+        try:
+            if self.since is not None and time.monotonic() - self.since >= HOLD_SECONDS:
+                self._write()
+            if self.since is None:
+                return 1000
+            return max(1, math.ceil((self.since + HOLD_SECONDS - time.monotonic()) * 1000))
+        finally:
+            self.lock.release()
+
+    def _add(self, kind, task_id, parts):
+        size = sum(memoryview(part).nbytes for part in parts)
+        self.held += [pack_header(kind, task_id, size), *parts]
+        self.held_bytes += size
+
+    def _write(self):
+        parts, self.held, self.held_bytes, self.since = self.held, [], 0, None
+        send_parts(self.writev, parts)
 
 
-def serve(channel, send, run):
+def serve(channel, writev, run):
     """Run the host's tasks one at a time in this thread until STOP."""
-    threading.Thread(target=channel.watch, name="minipool-watch", daemon=True).start()
-    output = Output(send)
+    outbox = Outbox(writev)
+    threading.Thread(target=channel.watch, args=(outbox,), name="minipool-watch", daemon=True).start()
+    output = Output(outbox.send)
     while True:
         try:
-            kind, task_id, payload = channel.read()
+            kind, task_id, payload = channel.read(outbox)
         except EOFError:
             return
         if kind == STOP:
+            outbox.write()
             return
         output.start(task_id)
         channel.loading = True
         reply, parts = run(kind, payload, loaded=channel.loaded)  # catches what the task raises
         output.end()
         del payload
-        send(reply, task_id, parts)
+        outbox.hold(reply, task_id, parts, later=channel.news())  # a task waits: run it first
         channel.busy = False
         del parts
 
@@ -868,7 +945,7 @@ def main():
         max_size=hello["max_message_size"],
     )
     if hello["workers"] == 1:
-        serve(channel, locked(writev), run)
+        serve(channel, writev, run)
     else:
         workers = Workers(hello["workers"], channel_out, run)
         gone = supervise(channel, workers)

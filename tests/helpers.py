@@ -383,3 +383,11 @@ class SlowToUnpickle:
 
 def slow_to_unpickle(seconds, value):
     return SlowToUnpickle(seconds, value)
+
+
+def spin(seconds):
+    """Keep the GIL busy for `seconds` (no sleep, no I/O), then return them."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+    return seconds

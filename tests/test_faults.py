@@ -355,6 +355,24 @@ def test_a_one_block_soak_loses_only_the_tasks_that_kill_their_container(make_po
     assert all(f.result() == i * i for i, f in enumerate(futures) if i % 100 != 99)
 
 
+def test_results_held_when_a_task_kills_the_container_are_not_lost(make_pool, caplog):
+    """One worker holds a finished task's result while the quick task sent after it
+    runs. When that one kills the container, the held result is lost with it: neither
+    task is charged, each runs again alone, and only the one that kills its
+    container alone fails."""
+    caplog.set_level(logging.INFO, logger="minipool")
+    pool = make_pool()
+    # Both functions quick: the crash is pipelined behind the slow call of sleep_then.
+    assert [pool.submit(helpers.sleep_then, 0, i).result() for i in range(20)] == list(range(20))
+    assert [pool.submit(helpers.square_or_die, i).result() for i in range(20)] == [i * i for i in range(20)]
+    held = pool.submit(helpers.sleep_then, 0.5, "held")
+    crash = pool.submit(helpers.square_or_die, 99)
+    with pytest.raises(WorkerLost):
+        crash.result(DEADLOCK)
+    assert held.result(DEADLOCK) == "held"
+    assert "died with 2 tasks sent; each runs again alone" in caplog.text
+
+
 def test_tasks_queued_behind_a_crash_in_the_pipeline_run_unharmed(any_runtime):
     """Quick tasks are pipelined; when one kills its container, only it fails."""
     pool = any_runtime.pool()

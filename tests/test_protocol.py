@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -431,6 +432,31 @@ def test_keepalives_are_skipped_between_and_during_tasks(worker):
         time.sleep(0.05)
     worker.call(2, helpers.double, 2)
     assert [_reply(worker), _reply(worker)] == [(stub.RESULT, 1, "slow"), (stub.RESULT, 2, 4)]
+
+
+def _calls(*calls):
+    """CALL messages for (task id, fn, *args), as the bytes of one write."""
+    messages = []
+    for task_id, fn, *args in calls:
+        payload = pickle.dumps((fn, tuple(args), {}), protocol=stub.PICKLE_PROTOCOL)
+        messages += [stub.pack_header(stub.CALL, task_id, len(payload)), payload]
+    return b"".join(messages)
+
+
+def test_the_results_of_tasks_sent_together_come_back_in_one_write(worker):
+    os.write(worker.process.stdin.fileno(), _calls(*[(task_id, helpers.double, task_id) for task_id in (1, 2, 3)]))
+    written = _reader(os.read(worker.process.stdout.fileno(), 1 << 16))  # the stub's first write, whole
+    replies = [stub.read_message(written, 1 << 16) for _ in range(3)]
+    assert [(kind, task_id, pickle.loads(payload)) for kind, task_id, payload in replies] == [
+        (stub.RESULT, task_id, 2 * task_id) for task_id in (1, 2, 3)
+    ]
+
+
+def test_a_held_result_leaves_while_the_task_after_it_runs(worker):
+    """The next task keeps the GIL for a minute: the result held for it leaves anyway."""
+    os.write(worker.process.stdin.fileno(), _calls((1, helpers.double, 1), (2, helpers.spin, 60)))
+    assert select.select([worker.process.stdout], [], [], 10)[0], "the held result did not leave"
+    assert _reply(worker) == (stub.RESULT, 1, 2)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
