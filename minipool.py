@@ -279,7 +279,7 @@ class _WorkItem:
         self.deadline: float | None = None  # when task_timeout runs out, once sent
         self.attempts: list[WorkerLost] = []  # earlier containers lost while running it
         # It was in flight with others when their container died, and may have ended
-        # it: from then on it runs alone, so that a death names it (_Pool.stream_ended).
+        # it: from then on it runs alone, so that a death names its task (_Pool.stream_ended).
         self.suspect = False
         self.output: bytearray | None = None  # what it wrote, every attempt
         self.lines: _Lines | None = None  # its output as logged, in its current container
@@ -2155,6 +2155,7 @@ class _Pool:
                     )
                     for item in items[:sent]:
                         item.suspect = True
+                        item.keep_output()  # its next attempt logs as its new container's
                     started = 0
                 self._pending.extendleft(reversed(items[started:]))
                 items = items[:started]

@@ -611,14 +611,11 @@ class Channel:
         self.loading = False  # the main thread unpickles a task (reading it, if a Stream)
         self.heard = time.monotonic()
 
-    def read(self, outbox):
+    def read(self):
         """The next message that is not a KEEPALIVE, for the main thread: a large
-        task as a Stream, which it reads, not busy yet, as it unpickles it. What
-        the outbox holds is written first if it has to wait for one."""
+        task as a Stream, which it reads, not busy yet, as it unpickles it."""
         with self.lock:
             while True:
-                if outbox.held and not self.news():
-                    outbox.write()
                 kind, task_id, payload = self.early.popleft() if self.early else self.receive((CALL, CHUNK))
                 if kind != KEEPALIVE:
                     return kind, task_id, payload
@@ -644,24 +641,15 @@ class Channel:
         self.heard = time.monotonic()
         return count
 
-    def watch(self, outbox):
-        """The watcher thread: end the container when the host goes away, read the
-        host's messages while a task runs, write the results held for HOLD_SECONDS."""
+    def watch(self):
+        # Never writes: a write blocks while the host reads nothing, and the
+        # watcher must still find it gone.
         poller = select.poll()
         poller.register(self.lifeline, HANGUP)
-        poller.register(outbox.holding, select.POLLIN)
-        timeout = 1000
         while True:
             poller.register(self.fd, HANGUP | (select.POLLIN if self.busy else 0))
-            events = poller.poll(timeout)
+            events = poller.poll(1000)
             if any(event & HANGUP for _, event in events):
-                host_gone("the host hung up")
-            if (outbox.holding, select.POLLIN) in events:
-                events.remove((outbox.holding, select.POLLIN))
-                os.read(outbox.holding, 1 << 12)
-            try:
-                timeout = outbox.write_overdue()
-            except OSError:
                 host_gone("the host hung up")
             if events and self.busy and self.lock.acquire(blocking=False):
                 try:
@@ -687,21 +675,22 @@ class Channel:
 
 
 class Outbox:
-    """The messages of one worker's threads to the host, each whole, in order. A
-    result may wait (hold) while the worker runs the tasks already sent after it,
-    so that the results of a run of quick tasks leave in one write: an engine's
-    attach relay costs more per write than per byte. They leave when the worker
-    would wait for the host, with any other message, or when held for
-    HOLD_SECONDS (written by the watcher: a slow task does not delay them)."""
+    """The messages of a one-worker stub's threads to the host, each whole, in
+    order. A result may wait (hold) while the worker runs the tasks already sent
+    after it, so that the results of a run of quick tasks leave in one write: an
+    engine's attach relay costs more per write than per byte. They leave when the
+    worker would wait for the host, with any other message, once HOLD_BYTES are
+    held, or after HOLD_SECONDS (the outbox's own thread: a slow task does not
+    delay them)."""
 
     def __init__(self, writev):
         self.writev = writev
         self.lock = threading.Lock()
         self.held = []  # headers and payloads
         self.held_bytes = 0
-        self.since = None  # when the oldest held result was held
-        # Told when results start to wait: it wakes the watcher, which times them.
-        self.holding, self.held_signal = os.pipe()
+        self.since = None  # when the oldest held message was held
+        self.wake_read, self.wake_write = os.pipe()  # a hold wakes the thread, which times it
+        threading.Thread(target=self.keep_time, name="minipool-outbox", daemon=True).start()
 
     def send(self, kind, task_id, parts):
         """Write the message now, after those held."""
@@ -709,34 +698,38 @@ class Outbox:
             self._add(kind, task_id, parts)
             self._write()
 
-    def hold(self, kind, task_id, parts, later):
-        """Write the message `later` (but now if those held are many bytes)."""
+    def hold(self, kind, task_id, parts):
+        """Write the message later (now if those held are many bytes)."""
         with self.lock:
             self._add(kind, task_id, parts)
-            if not later or self.held_bytes >= HOLD_BYTES:
+            if self.held_bytes >= HOLD_BYTES:
                 self._write()
             elif self.since is None:
                 self.since = time.monotonic()
-                os.write(self.held_signal, b"!")
+                os.write(self.wake_write, b"!")
 
     def write(self):
         """Write the messages held."""
         with self.lock:
             self._write()
 
-    def write_overdue(self):
-        """Write the messages held for HOLD_SECONDS; the milliseconds until those
-        held are due (a second if none), for the watcher's poll."""
-        if not self.lock.acquire(blocking=False):
-            return 1  # a write is under way
-        try:
-            if self.since is not None and time.monotonic() - self.since >= HOLD_SECONDS:
-                self._write()
-            if self.since is None:
-                return 1000
-            return max(1, math.ceil((self.since + HOLD_SECONDS - time.monotonic()) * 1000))
-        finally:
-            self.lock.release()
+    def keep_time(self):
+        """The outbox's thread: write what was held HOLD_SECONDS ago. It may block
+        in a write to a host that reads nothing, as the main thread may; the
+        watcher, which never writes, still finds such a host gone."""
+        poller = select.poll()
+        poller.register(self.wake_read, select.POLLIN)
+        timeout = None  # milliseconds until the held messages are due
+        while True:
+            if poller.poll(timeout):
+                os.read(self.wake_read, 1 << 12)
+            with self.lock:
+                if self.since is not None and time.monotonic() - self.since >= HOLD_SECONDS:
+                    self._write()
+                if self.since is None:
+                    timeout = None
+                else:
+                    timeout = max(1, math.ceil((self.since + HOLD_SECONDS - time.monotonic()) * 1000))
 
     def _add(self, kind, task_id, parts):
         size = sum(memoryview(part).nbytes for part in parts)
@@ -750,12 +743,12 @@ class Outbox:
 
 def serve(channel, writev, run):
     """Run the host's tasks one at a time in this thread until STOP."""
+    threading.Thread(target=channel.watch, name="minipool-watch", daemon=True).start()
     outbox = Outbox(writev)
-    threading.Thread(target=channel.watch, args=(outbox,), name="minipool-watch", daemon=True).start()
     output = Output(outbox.send)
     while True:
         try:
-            kind, task_id, payload = channel.read(outbox)
+            kind, task_id, payload = channel.read()
         except EOFError:
             return
         if kind == STOP:
@@ -766,7 +759,11 @@ def serve(channel, writev, run):
         reply, parts = run(kind, payload, loaded=channel.loaded)  # catches what the task raises
         output.end()
         del payload
-        outbox.hold(reply, task_id, parts, later=channel.news())  # a task waits: run it first
+        if channel.news():  # the next task is here: its result may go with this one
+            outbox.hold(reply, task_id, parts)
+        else:
+            outbox.send(reply, task_id, parts)
+        # Not busy once written: while a write blocks, the watcher reads the host's keepalives.
         channel.busy = False
         del parts
 

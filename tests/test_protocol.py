@@ -1,18 +1,22 @@
 """The wire protocol and the stub over plain subprocess pipes: no engine needed."""
 
+import fcntl
 import os
 import pickle
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
 
 import helpers
 import worker_stub as stub
+from conftest import wait_until
 
 STUB = stub.__file__
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -22,10 +26,14 @@ HELLO = {"cloudpickle": True, "max_message_size": 1 << 30, "workers": 1, "silenc
 class Stub:
     """worker_stub.py in a subprocess, spoken to as the host would."""
 
-    def __init__(self, hello=None):
+    def __init__(self, hello=None, hold_seconds=None):
         env = {**os.environ, "PYTHONPATH": TESTS}
+        command = [sys.executable, STUB]
+        if hold_seconds is not None:  # the stub's HOLD_SECONDS, for a test that must not race it
+            command[1:] = ["-c", f"import worker_stub; worker_stub.HOLD_SECONDS = {hold_seconds}; worker_stub.start()"]
+            env["PYTHONPATH"] += os.pathsep + os.path.dirname(STUB)
         self.process = subprocess.Popen(
-            [sys.executable, STUB], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
         self.writev = lambda views: self.process.stdin.write(b"".join(views))
         hello = hello or {**HELLO, "python": list(sys.version_info[:2])}
@@ -434,6 +442,11 @@ def test_keepalives_are_skipped_between_and_during_tasks(worker):
     assert [_reply(worker), _reply(worker)] == [(stub.RESULT, 1, "slow"), (stub.RESULT, 2, 4)]
 
 
+def _unread(pipe):
+    """Bytes waiting in the pipe."""
+    return struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
 def _calls(*calls):
     """CALL messages for (task id, fn, *args), as the bytes of one write."""
     messages = []
@@ -443,13 +456,50 @@ def _calls(*calls):
     return b"".join(messages)
 
 
-def test_the_results_of_tasks_sent_together_come_back_in_one_write(worker):
-    os.write(worker.process.stdin.fileno(), _calls(*[(task_id, helpers.double, task_id) for task_id in (1, 2, 3)]))
-    written = _reader(os.read(worker.process.stdout.fileno(), 1 << 16))  # the stub's first write, whole
-    replies = [stub.read_message(written, 1 << 16) for _ in range(3)]
-    assert [(kind, task_id, pickle.loads(payload)) for kind, task_id, payload in replies] == [
-        (stub.RESULT, task_id, 2 * task_id) for task_id in (1, 2, 3)
-    ]
+def test_the_results_of_tasks_sent_together_come_back_in_one_write():
+    """Held until the stub would wait for the host (a minute's HOLD_SECONDS: no race with it)."""
+    worker = Stub(hold_seconds=60)
+    try:
+        calls = _calls(*[(task_id, helpers.double, task_id) for task_id in (1, 2, 3)])
+        os.write(worker.process.stdin.fileno(), calls)
+        written = _reader(os.read(worker.process.stdout.fileno(), 1 << 16))  # the stub's first write, whole
+        replies = [stub.read_message(written, 1 << 16) for _ in range(3)]
+        assert [(kind, task_id, pickle.loads(payload)) for kind, task_id, payload in replies] == [
+            (stub.RESULT, task_id, 2 * task_id) for task_id in (1, 2, 3)
+        ]
+    finally:
+        worker.close()
+
+
+def test_a_host_that_reads_slowly_but_keeps_talking_keeps_its_stub():
+    """Its reader stalls (a slow done callback, say) longer than `silence` while a
+    held result waits for a full pipe; its keepalives still count."""
+    worker = Stub({**HELLO, "python": list(sys.version_info[:2]), "silence": 1})
+    try:
+        os.write(worker.process.stdin.fileno(), _calls((1, helpers.nbytes, 50_000)))
+        wait_until(lambda: _unread(worker.process.stdout) > 50_000, what="the first result in the pipe")
+        calls = _calls((2, helpers.nbytes, 30_000), (3, helpers.sleep_then, 1.5, 3))  # 2's result is held
+        os.write(worker.process.stdin.fileno(), calls)
+        for _ in range(12):  # 2.4 s of keepalives, the stub's stdout unread
+            worker.send(stub.KEEPALIVE, 0, b"")
+            time.sleep(0.2)
+        assert [_reply(worker)[2] for _ in range(3)] == [b"x" * 50_000, b"x" * 30_000, 3]
+    finally:
+        worker.process.kill()
+
+
+def test_a_frozen_host_ends_the_stub_whose_held_result_cannot_leave():
+    """The host neither reads nor sends: the held result's write blocks on a full pipe
+    (the task's 40 kB of output, then its 40 kB result), yet the stub finds the host
+    silent and exits."""
+    worker = Stub({**HELLO, "python": list(sys.version_info[:2]), "silence": 1})
+    try:
+        calls = _calls((1, helpers.say_and_return, 40_000), (2, helpers.spin, 60))
+        os.write(worker.process.stdin.fileno(), calls)
+        assert worker.process.wait(timeout=10) == 0
+        assert "the host has been silent for 1 s" in worker.process.stderr.read().decode()
+    finally:
+        worker.process.kill()
 
 
 def test_a_held_result_leaves_while_the_task_after_it_runs(worker):
