@@ -1970,10 +1970,12 @@ class _Reader:
         finally:
             # Whatever ended the stream, the block thread must learn it and no future may hang.
             # (After a ProtocolError the stub may run the tasks still: they fail with it.)
-            started = self._pool.stream_ended(self._container, requeue=error is None)
+            started, suspects = self._pool.stream_ended(self._container, requeue=error is None)
             _logger.debug("pool %s: stream of container %s ended", self._label, self._container.short_id)
             if started:
                 self._orphaned(started, error or self._container_lost())
+            elif suspects:
+                self._suspects_lost(suspects)
 
     def _settle_results(self) -> None:
         """Settle each future as its result arrives, until the stream ends."""
@@ -2038,6 +2040,15 @@ class _Reader:
                 item.future.set_exception(broken)
             else:
                 item.future.set_exception(error.after(item.attempts) if isinstance(error, WorkerLost) else error)
+
+    def _suspects_lost(self, count: int) -> None:
+        """Say why the tasks the container died with run again, uncharged."""
+        container = self._container
+        _logger.warning(
+            "pool %s: container %s died (%s) with %d quick tasks sent; each runs again alone, to learn which one "
+            "ended it. Its last lines of output:\n%s",
+            self._label, container.short_id, _describe_exit(*container.exit()), count, container.last_words(),
+        )
 
     def _container_lost(self) -> WorkerLost:
         container = self._container
@@ -2130,16 +2141,18 @@ class _Pool:
         with self._changed:
             return self._broken
 
-    def stream_ended(self, container: _Container, requeue: bool) -> list[_WorkItem]:
+    def stream_ended(self, container: _Container, requeue: bool) -> tuple[list[_WorkItem], int]:
         """The container's stream ended: it takes no more tasks. With `requeue` (it
         died), what it had not started goes back to the front of the queue; the
-        tasks it had started are returned, to fail or retry.
+        tasks it had started are returned, to fail or retry, with the number of
+        suspects (below) that went back.
 
         The stub starts tasks in the order it got them, so only the first it got
         (one per worker) had started; the others are unharmed. But one worker may
         have finished the first few and held their results (worker_stub.Outbox):
         when it had more than one task, any of them may have ended it. Then none is
         charged: all go back, and those sent run alone from now on (suspects)."""
+        suspects = 0
         with self._changed:
             container.lost = True
             in_flight = sorted(container.in_flight, key=lambda task_id: container.sent_order.get(task_id, math.inf))
@@ -2149,10 +2162,7 @@ class _Pool:
                 sent = sum(task_id in container.sent_order for task_id in in_flight)
                 started = min(sent, self._settings.workers_per_block)
                 if self._settings.workers_per_block == 1 and sent > 1:
-                    _logger.info(
-                        "pool %s: container %s died with %d tasks sent; each runs again alone, to learn which "
-                        "one ended it", self._label, container.short_id, sent,
-                    )
+                    suspects = sent
                     for item in items[:sent]:
                         item.suspect = True
                         item.keep_output()  # its next attempt logs as its new container's
@@ -2160,7 +2170,7 @@ class _Pool:
                 self._pending.extendleft(reversed(items[started:]))
                 items = items[:started]
             self._changed.notify_all()
-        return items
+        return items, suspects
 
     def retry(self, item: _WorkItem, lost: WorkerLost) -> bool:
         """Queue a lost task to run first on the next free block, if it has retries left."""
