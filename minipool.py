@@ -561,6 +561,8 @@ class _DirectChannels:
         self.engine = engine
         self.label = label
         self.directory: str | None = None  # made with the first socket
+        # Blocks may start at once (the first one late): one directory for them all.
+        self._making = threading.Lock()
         self.refused = ""
         if mode == "attach":
             self.refused = "channel='attach'"
@@ -574,14 +576,20 @@ class _DirectChannels:
         """A socket for the next container to connect to, or None: use the attach stream."""
         if not self.refused:
             try:
-                if self.directory is None:
-                    self.directory = tempfile.mkdtemp(prefix=f"{_CHANNEL_DIR}{socket.gethostname()}-{os.getpid()}-")
-                    os.chmod(self.directory, 0o711)  # the container's user, whoever it is, must reach the sockets
-                return _Direct(self, self.directory)
+                return _Direct(self, self._made())
             except OSError as exc:  # say, a TMPDIR too long for a socket's path (108 bytes)
                 self.refuse(f"cannot listen on a unix socket in {tempfile.gettempdir()}: {exc}")
         self._tell(f"over the attach stream: {self.refused}")
         return None
+
+    def _made(self) -> str:
+        """The pool's channel directory, made with the first socket."""
+        with self._making:
+            if self.directory is None:
+                directory = tempfile.mkdtemp(prefix=f"{_CHANNEL_DIR}{socket.gethostname()}-{os.getpid()}-")
+                os.chmod(directory, 0o711)  # the container's user, whoever it is, must reach the sockets
+                self.directory = directory
+            return self.directory
 
     def mount(self) -> docker.types.Mount:
         return docker.types.Mount(_CHANNEL_MOUNT, self.directory, type="bind", read_only=True)

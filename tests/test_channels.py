@@ -2,6 +2,7 @@
 and the attach stream where that cannot work (issue 12). The behaviour, fault and
 pool suites run on both channels through RUNTIMES (docker, docker-attach, ...)."""
 
+import concurrent.futures
 import glob
 import logging
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import docker
@@ -133,6 +135,29 @@ def test_only_a_connection_that_says_the_secret_is_taken(caplog):
         direct.close()
         channels.close()
     assert not os.path.exists(channels.directory)
+
+
+def test_blocks_that_start_at_once_share_one_channel_directory(monkeypatch):
+    """The other blocks start without the first once it is late (a loaded engine):
+    their first sockets are offered at once, and the directory close removes must
+    be the one they all use. (A CI run left one behind.)"""
+    where = tempfile.mkdtemp(prefix="mp-")  # short: pytest's tmp_path is too long for a socket's path
+    monkeypatch.setattr(tempfile, "tempdir", where)
+    channels = minipool._DirectChannels("auto", "here", "test", local=True)
+    start = threading.Barrier(8)
+
+    def offer():
+        start.wait()
+        return channels.offer()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as threads:
+        offers = list(threads.map(lambda _: offer(), range(8)))
+    assert {os.path.dirname(direct.path) for direct in offers} == {channels.directory}
+    for direct in offers:
+        direct.close()
+    channels.close()
+    assert os.listdir(where) == []
+    os.rmdir(where)
 
 
 def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(engine, label, make_pool):
