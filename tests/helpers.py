@@ -397,3 +397,9 @@ def say_and_return(size):
     """Write `size` bytes of output, and return as many."""
     print("x" * (size - 1), flush=True)
     return b"x" * size
+
+
+def say_where_then(seconds, value):
+    """Print which container runs the task (its hostname), then sleep_then."""
+    print(f"where: {socket.gethostname()}", flush=True)
+    return sleep_then(seconds, value)

@@ -359,14 +359,16 @@ def test_results_held_when_a_task_kills_the_container_are_not_lost(make_pool, ca
     """One worker holds a finished task's result while the quick task sent after it
     runs. When that one kills the container, the held result is lost with it: neither
     task is charged, each runs again alone, and only the one that kills its
-    container alone fails."""
+    container alone fails. What the held one writes is logged as the container's that
+    ran it, each time."""
+    caplog.set_level(logging.INFO, logger="minipool")
     pool = make_pool()
     # Until the crash takes a held result with it: the result may leave first (1 ms).
     for _ in range(5):
-        # Both functions quick (again): the crash is pipelined behind the slow call of sleep_then.
-        assert [pool.submit(helpers.sleep_then, 0, i).result() for i in range(30)] == list(range(30))
+        # Both functions quick (again): the crash is pipelined behind the slow call.
+        assert [pool.submit(helpers.say_where_then, 0, i).result() for i in range(30)] == list(range(30))
         assert [pool.submit(helpers.square_or_die, i).result() for i in range(30)] == [i * i for i in range(30)]
-        held = pool.submit(helpers.sleep_then, 0.2, "held")
+        held = pool.submit(helpers.say_where_then, 0.2, "held")
         crash = pool.submit(helpers.square_or_die, 99)
         with pytest.raises(WorkerLost):
             crash.result(DEADLOCK)
@@ -375,6 +377,8 @@ def test_results_held_when_a_task_kills_the_container_are_not_lost(make_pool, ca
             break
     else:
         pytest.fail("the crash never took a held result with it")
+    said = [record for record in caplog.records if hasattr(record, "container") and "where: " in record.getMessage()]
+    assert said and all(record.getMessage() == f"{record.container}: where: {record.container}" for record in said)
 
 
 def test_tasks_queued_behind_a_crash_in_the_pipeline_run_unharmed(any_runtime):
