@@ -488,6 +488,23 @@ def test_a_host_that_reads_slowly_but_keeps_talking_keeps_its_stub():
         worker.process.kill()
 
 
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_stub_that_polls_for_quick_tasks_sleeps_once_they_stop(worker):
+    """One-at-a-time tasks make it poll for the next (SPIN_SECONDS); idle, it must
+    not burn a core."""
+    for task_id in range(1, 51):
+        worker.call(task_id, helpers.double, task_id)
+        assert _reply(worker) == (stub.RESULT, task_id, 2 * task_id)
+    used = _cpu_seconds(worker.process.pid)
+    time.sleep(1)  # the time whose CPU is counted, not a wait for a state
+    assert _cpu_seconds(worker.process.pid) - used < 0.1
+
+
 def test_a_frozen_host_ends_the_stub_whose_held_result_cannot_leave():
     """The host neither reads nor sends: the held result's write blocks on a full pipe
     (the task's 40 kB of output, then its 40 kB result), yet the stub finds the host
