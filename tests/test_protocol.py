@@ -519,6 +519,19 @@ def test_a_frozen_host_ends_the_stub_whose_held_result_cannot_leave():
         worker.process.kill()
 
 
+def test_a_large_result_is_not_held():
+    """Over HOLD_BYTES a result leaves at once, even with the next task there (and a
+    minute's HOLD_SECONDS): one write carries it whatever it holds."""
+    worker = Stub(hold_seconds=60)
+    try:
+        os.write(worker.process.stdin.fileno(), _calls((1, helpers.nbytes, stub.HOLD_BYTES), (2, helpers.spin, 60)))
+        assert select.select([worker.process.stdout], [], [], 10)[0], "the large result was held"
+        assert _reply(worker) == (stub.RESULT, 1, b"x" * stub.HOLD_BYTES)
+    finally:
+        worker.process.kill()
+        worker.close()
+
+
 def test_a_held_result_leaves_while_the_task_after_it_runs(worker):
     """The next task keeps the GIL for a minute: the result held for it leaves anyway."""
     os.write(worker.process.stdin.fileno(), _calls((1, helpers.double, 1), (2, helpers.spin, 60)))
