@@ -254,7 +254,10 @@ class PodmanEngine(SecondEngine):
         # locks go to its tmp dir instead of the /dev/shm table every root Podman shares.
         conf = os.path.join(self.root, "containers.conf")
         with open(conf, "w") as file:
-            file.write('[engine]\nlock_type = "file"\n')
+            # runc, not Podman's default crun: crun refuses a machine with cgroups in hybrid
+            # mode (v1 controllers beside a v2 tree), which some of ours have; Docker uses runc.
+            runtime = 'runtime = "runc"\n' if shutil.which("runc") else ""
+            file.write(f'[engine]\nlock_type = "file"\n{runtime}')
         return {**os.environ, "CONTAINERS_CONF": conf}
 
 
