@@ -981,10 +981,17 @@ class _Command(_Placement):
         shutil.rmtree(container.channel.tmpdir, ignore_errors=True)
 
     def exit(self, container: _Container) -> tuple[int | None, bool]:
+        process = self._process(container)
         try:
-            code = self._process(container).wait(_EXIT_EVENT_WAIT)
+            code = process.wait(_EXIT_EVENT_WAIT)
         except subprocess.TimeoutExpired:
             return None, False
+        # A stub that died by itself leaves what its tasks started in its session, and
+        # reaped, it is no longer signalled by remove() (issue 20): end them now. Its
+        # number still names their group (a group keeps it while a member lives), and no
+        # other can have taken it since the reap: Linux hands pids out in turn.
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
         assert isinstance(container.channel, _PipeChannel)
         container.channel.drain_stderr(_EXIT_EVENT_WAIT)
         return (128 - code if code < 0 else code), False  # as an engine reports a signal
@@ -1568,8 +1575,11 @@ class _PipeChannel:
         if self._deadline is None:
             return
         left = max(self._deadline - time.monotonic(), 0)
-        readable, writable, _ = select.select([] if writing else [fd], [fd] if writing else [], [], left)
-        if not readable and not writable:
+        # poll, not select: select refuses descriptors of 1024 and more, which a caller
+        # with many files open hands out (issue 20).
+        waiting = select.poll()
+        waiting.register(fd, select.POLLOUT if writing else select.POLLIN)
+        if not waiting.poll(left * 1000):
             raise TimeoutError("no answer in time")
 
     def listen(self, on_stderr: Callable[[bytearray], None]) -> None:
@@ -2339,12 +2349,15 @@ class _Pool:
     # -- scaling
 
     def _add_block(self) -> None:
-        """Start a block thread (under the lock)."""
+        """Start a block thread (under the lock). It waits for another block to be ready
+        first (_FIRST_BLOCK_HEAD_START) only if there is one: a pool scaling up from no
+        block starts at once, whatever the block's number (issue 20)."""
         number = next(self._block_numbers)
+        head_start = self._blocks > 0
         self._blocks += 1
         self._alive += 1
         thread = threading.Thread(
-            target=self._run_block, args=(number,), name=f"minipool-{self._label}-block-{number}"
+            target=self._run_block, args=(number, head_start), name=f"minipool-{self._label}-block-{number}"
         )
         self._threads.append(thread)
         thread.start()
@@ -2379,7 +2392,7 @@ class _Pool:
 
     # -- block threads
 
-    def _run_block(self, number: int) -> None:
+    def _run_block(self, number: int, head_start: bool) -> None:
         """Keep one container running and fed until the pool closes or the block
         retires; replace it when lost, timed out or worn out (max_tasks_per_block)."""
         container: _Container | None = None
@@ -2387,7 +2400,7 @@ class _Pool:
             with self._changed:
                 # The first block starts alone, so that the first result does not wait
                 # for every container of the pool to be ready on a busy engine.
-                if number > 1:
+                if head_start:
                     self._changed.wait_for(lambda: self._containers or self._closing(), _FIRST_BLOCK_HEAD_START)
             started = time.monotonic()
             container = self._start_block()
@@ -3011,8 +3024,8 @@ class ContainerPoolExecutor(Executor):
         _check_runtime(runtime, engine, container_options)
         if channel not in _CHANNELS:
             raise ValueError(f"channel must be one of {', '.join(_CHANNELS)}, not {channel!r}")
-        if channel == "socket" and runtime != "docker":
-            raise ValueError(f"channel='socket' is for runtime='docker': {runtime!r} talks over its process's pipes")
+        if channel != "auto" and runtime != "docker":
+            raise ValueError(f"channel={channel!r} is for runtime='docker': {runtime!r} talks over its process's pipes")
         _check_provider(provider, runtime)
         _check_container_options(container_options or {})
         # A path (an image directory, a .sif) makes a long label: its last part is enough.

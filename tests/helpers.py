@@ -403,3 +403,16 @@ def say_where_then(seconds, value):
     """Print which container runs the task (its hostname), then sleep_then."""
     print(f"where: {socket.gethostname()}", flush=True)
     return sleep_then(seconds, value)
+
+
+def leave_a_child(then=None):
+    """Start a process that outlives the task (a server it forgot, say) and return its
+    pid; with then="exit", end the stub itself instead; with a number, sleep that long."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+    if then == "exit":
+        os._exit(3)
+    if then is not None:
+        time.sleep(then)
+    return child.pid

@@ -107,8 +107,10 @@ def test_an_engine_elsewhere_gets_the_attach_stream():
 def test_channel_is_checked():
     with pytest.raises(ValueError, match="channel must be one of auto, socket, attach, not 'fast'"):
         minipool.ContainerPoolExecutor("app1_v0.1", channel="fast")
-    with pytest.raises(ValueError, match="channel='socket' is for runtime='docker'"):
-        minipool.ContainerPoolExecutor("/images/app1", runtime="charliecloud", channel="socket")
+    # A command runtime's pipes are its only channel: asking for either of the engine's is a mistake.
+    for channel in ("socket", "attach"):
+        with pytest.raises(ValueError, match=f"channel='{channel}' is for runtime='docker'"):
+            minipool.ContainerPoolExecutor("/images/app1", runtime="charliecloud", channel=channel)
 
 
 def test_only_a_connection_that_says_the_secret_is_taken(caplog):

@@ -242,6 +242,38 @@ def in_sessions(sessions):
     return {pid for pid, _, session in processes() if session in sessions}
 
 
+@pytest.mark.parametrize("end", ["shutdown", "the stub exits", "task_timeout"])
+def test_what_a_task_started_ends_with_its_block(charliecloud, end):
+    """A block's session holds what its tasks started; however the block ends (a
+    shutdown, its stub dying by itself, a task killed past task_timeout), nothing of
+    it may live on."""
+    pool = charliecloud.pool(task_timeout=1 if end == "task_timeout" else None)
+    block = int(pool.submit(helpers.block).result(DEADLOCK))
+    if end == "shutdown":
+        child = pool.submit(helpers.leave_a_child).result(DEADLOCK)
+        assert child in in_sessions({block})
+        pool.shutdown()
+    elif end == "the stub exits":
+        with pytest.raises(minipool.WorkerLost):
+            pool.submit(helpers.leave_a_child, "exit").result(DEADLOCK)
+    else:
+        with pytest.raises(TimeoutError):
+            pool.submit(helpers.leave_a_child, 600).result(DEADLOCK)
+    wait_until(lambda: not in_sessions({block}), timeout=10, what="the block's processes to end")
+
+
+def test_a_caller_with_over_a_thousand_files_open_starts_blocks(charliecloud):
+    """select() refuses a descriptor of 1024 or more, which a caller with many files
+    open gets for a block's pipes."""
+    files = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        pool = charliecloud.pool()
+        assert pool.submit(helpers.double, 21).result(DEADLOCK) == 42
+    finally:
+        for fd in files:
+            os.close(fd)
+
+
 KILLED_CALLER = """
 import time
 import helpers
