@@ -3,6 +3,7 @@
 import pytest
 
 import helpers
+import minipool
 from conftest import APP1
 from conftest import APP2
 from conftest import DEADLOCK
@@ -126,6 +127,18 @@ def test_a_pool_scales_from_zero_and_back(any_runtime):
         futures = [pool.submit(helpers.sleep_then, 0.5, i) for i in range(4)]
         assert [f.result(DEADLOCK) for f in futures] == list(range(4)), f"round {round}"
         wait_until(lambda: not any_runtime.blocks(), what="every idle block to go")
+
+
+@pytest.mark.parametrize("any_runtime", ["docker", "charliecloud"], indirect=True)
+def test_a_pool_scaling_up_from_zero_again_starts_its_block_at_once(any_runtime, monkeypatch):
+    """The head start other blocks give the first one is for a pool that has one
+    starting: after every block retired, the next starts at once, whatever its number.
+    (The head start made enormous: waiting for it is a hang.)"""
+    monkeypatch.setattr(minipool, "_FIRST_BLOCK_HEAD_START", 600)
+    pool = any_runtime.pool(blocks=1, min_blocks=0, idle_timeout=0.5)
+    for round in range(2):
+        assert pool.submit(helpers.double, round).result(DEADLOCK) == 2 * round
+        wait_until(lambda: not any_runtime.blocks(), what="the idle block to go")
 
 
 def test_a_block_never_retires_while_its_lost_task_waits_for_its_retry(make_pool):
