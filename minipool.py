@@ -2480,12 +2480,38 @@ class _Pool:
             self._time_out(container)
 
     def _send(self, container: _Container, tasks: list[tuple[int, _WorkItem]]) -> None:
+        watch = self._watch_deadline(container, tasks)
         try:
             container.send_tasks(tasks)
         except OSError as exc:
             # Mostly the container is gone. Whatever the cause, the stream may have
             # stopped mid-message: end it, and the reader settles or requeues the tasks.
             _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
+            container.channel.hang_up()
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    def _watch_deadline(self, container: _Container, tasks: list[tuple[int, _WorkItem]]) -> threading.Timer | None:
+        """A large task's send may outlast its task_timeout: the stub unpickles it as it
+        reads, and its code may stall (issue 20). The block thread, stuck in the send,
+        cannot see the deadline then: a timer times the task out and ends the stream,
+        which ends the send. None for a send that returns at once."""
+        deadlines = [item.deadline for _, item in tasks if item.deadline is not None]
+        if not deadlines or sum(item.size for _, item in tasks) <= _DIRECT_SEND:
+            return None
+        timer = threading.Timer(min(deadlines) - time.monotonic(), self._expire_now, (container,))
+        timer.name = f"minipool-{self._label}-deadline-{container.short_id}"
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _expire_now(self, container: _Container) -> None:
+        """Take the container's overdue tasks out of flight and hang up: its block thread
+        then times them out (_feed)."""
+        with self._changed:
+            expired = container.expire(time.monotonic())
+        if expired:
             container.channel.hang_up()
 
     def _time_out(self, container: _Container) -> None:

@@ -53,6 +53,23 @@ def test_task_timeout_kills_and_replaces_only_that_container(any_runtime):
     assert helpers.wait_for_blocks(pool, 2) == {any_runtime.seen_as(survivor), any_runtime.seen_as(replacement)}
 
 
+class StallsWhenUnpickled:
+    """An argument whose unpickling stalls (a slow import, a __setstate__ that waits)."""
+
+    def __reduce__(self):
+        return time.sleep, (600,)
+
+
+def test_task_timeout_holds_while_a_large_task_is_still_being_sent(any_runtime):
+    """The stub unpickles a large task as it reads it: while that stalls, the rest of
+    the task cannot be sent, and its deadline must still hold."""
+    pool = any_runtime.pool(task_timeout=2)
+    stalled = pool.submit(helpers.identity, [StallsWhenUnpickled(), b"x" * (16 << 20)])
+    with pytest.raises(cf.TimeoutError, match="task_timeout=2"):
+        stalled.result(DEADLOCK)
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
 def test_retries_run_a_lost_task_again(any_runtime, tmp_path):
     pool = any_runtime.pool(retries=1, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
     assert pool.submit(helpers.die_once, "/shared/marker").result(DEADLOCK) == "second time lucky"
