@@ -403,3 +403,21 @@ def say_where_then(seconds, value):
     """Print which container runs the task (its hostname), then sleep_then."""
     print(f"where: {socket.gethostname()}", flush=True)
     return sleep_then(seconds, value)
+
+
+def exit_once_returned(gate):
+    """Return this process's pid, leaving a thread that ends the process (os._exit)
+    once the test opens the gate `gate`: a worker that dies idle, its task answered."""
+
+    def exit_at_gate():
+        wait_for_file(gate)
+        os._exit(3)
+
+    threading.Thread(target=exit_at_gate, daemon=True).start()
+    return os.getpid()
+
+
+def killed_at_gate(gate):
+    """Say "started", then kill this process once the test opens the gate `gate`."""
+    announce_then(wait_for_file, gate)
+    kill_self()
