@@ -882,12 +882,16 @@ class Workers:
                 self.running.pop(slot, None)
 
     def reap(self):
-        """Replace the workers that died; tell the host which tasks they took with them."""
+        """Replace the workers that died; tell the host which tasks they took with them.
+        As the container's PID 1 (init=False) this process is also the parent of the
+        tasks' orphans: those it reaps, and that is all."""
         while self.pids:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if not pid:
                 return
-            slot = self.pids.pop(pid)
+            slot = self.pids.pop(pid, None)
+            if slot is None:
+                continue
             if self.states[slot] == self.WRITING:
                 diagnose("a worker died while writing its result; the channel is broken")
                 os._exit(70)

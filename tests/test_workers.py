@@ -32,6 +32,19 @@ def test_a_dying_worker_process_loses_its_task_only_and_the_container_stays(any_
     assert any_runtime.blocks() == [info.value.container_id]
 
 
+def test_a_stub_without_init_reaps_the_orphans_of_tasks(make_pool):
+    """With init=False the stub is the container's PID 1, and a task's orphan its
+    child: reaping it is PID 1's job, and no worker's death. The task running
+    then, and those after it, run in the same container."""
+    pool = make_pool(workers_per_block=2, container_options={"init": False})
+    here = pool.submit(helpers.hostname_after, 0).result(DEADLOCK)
+    gate = "/tmp/minipool-orphan-gate"
+    orphan = pool.submit(helpers.leave_an_orphan, gate).result(DEADLOCK)
+    assert pool.submit(helpers.release_orphan, gate, orphan, "reaped").result(DEADLOCK) == "reaped"
+    assert list(pool.map(helpers.double, range(10))) == [2 * i for i in range(10)]
+    assert pool.submit(helpers.hostname_after, 0).result(DEADLOCK) == here
+
+
 def test_a_lost_process_task_is_retried(any_runtime, tmp_path):
     pool = any_runtime.pool(workers_per_block=2, retries=1, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
     assert pool.submit(helpers.die_once, "/shared/marker").result(DEADLOCK) == "second time lucky"
