@@ -458,17 +458,38 @@ def _calls(*calls):
     return b"".join(messages)
 
 
+def _come_back_in_one_write(worker, task_ids):
+    """Send quick tasks together; assert that their results come back in one write."""
+    os.write(worker.process.stdin.fileno(), _calls(*[(task_id, helpers.double, task_id) for task_id in task_ids]))
+    written = _reader(os.read(worker.process.stdout.fileno(), 1 << 16))  # the stub's first write, whole
+    try:
+        replies = [stub.read_message(written, 1 << 16) for _ in task_ids]
+    except EOFError:
+        raise AssertionError(f"the results of tasks {task_ids} came back in more than one write") from None
+    assert [(kind, task_id, pickle.loads(payload)) for kind, task_id, payload in replies] == [
+        (stub.RESULT, task_id, 2 * task_id) for task_id in task_ids
+    ]
+
+
 def test_the_results_of_tasks_sent_together_come_back_in_one_write():
     """Held until the stub would wait for the host (a minute's HOLD_SECONDS: no race with it)."""
     worker = Stub(hold_seconds=60)
     try:
-        calls = _calls(*[(task_id, helpers.double, task_id) for task_id in (1, 2, 3)])
-        os.write(worker.process.stdin.fileno(), calls)
-        written = _reader(os.read(worker.process.stdout.fileno(), 1 << 16))  # the stub's first write, whole
-        replies = [stub.read_message(written, 1 << 16) for _ in range(3)]
-        assert [(kind, task_id, pickle.loads(payload)) for kind, task_id, payload in replies] == [
-            (stub.RESULT, task_id, 2 * task_id) for task_id in (1, 2, 3)
-        ]
+        _come_back_in_one_write(worker, [1, 2, 3])
+    finally:
+        worker.close()
+
+
+def test_results_are_still_held_together_after_many_have_left():
+    """Only what is held counts against HOLD_BYTES, not what left before: after twice
+    HOLD_BYTES of results, quick tasks' results still leave in one write."""
+    worker = Stub(hold_seconds=60)
+    try:
+        many = range(1, 2 * stub.HOLD_BYTES // 1000)  # results of 1000 bytes
+        os.write(worker.process.stdin.fileno(), _calls(*[(task_id, helpers.nbytes, 1000) for task_id in many]))
+        # Each read whole: none of their bytes is left in stdout's buffer, beside the raw read.
+        assert [_reply(worker)[:2] for _ in many] == [(stub.RESULT, task_id) for task_id in many]
+        _come_back_in_one_write(worker, [many[-1] + 1, many[-1] + 2, many[-1] + 3])
     finally:
         worker.close()
 
