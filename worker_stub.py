@@ -809,11 +809,11 @@ class Workers:
         # Kept open for life; fcntl locks are per process, so it excludes workers from each other.
         self.lock = tempfile.TemporaryFile()  # noqa: SIM115
         self.states = mmap.mmap(-1, count)  # shared: what each worker is doing, by slot
-        self.done_read, self.done_write = os.pipe()  # a worker writes its slot there when idle again
+        self.done_read, self.done_write = os.pipe()  # a worker writes its slot there once its result is out
+        os.set_blocking(self.done_read, False)  # reap() reads it whether or not a worker wrote
         self.pids = {}  # pid -> slot
-        self.pipes = {}  # slot -> write end of its task pipe
+        self.pipes = {}  # slot -> write end of its task pipe, for each live worker
         self.running = {}  # slot -> task id
-        self.idle: collections.deque = collections.deque()
         for slot in range(count):
             self.start(slot)
 
@@ -826,16 +826,19 @@ class Workers:
         os.close(read_end)
         self.pids[pid] = slot
         self.pipes[slot] = write_end
-        self.idle.append(slot)
 
     def work(self, slot, read_end):
         """A worker process: run the tasks that come down its pipe, forever."""
         readinto = os.fdopen(read_end, "rb", buffering=0).readinto
         lock = threading.Lock()  # the fcntl lock excludes other processes, this one threads
 
-        def send(kind, task_id, parts):
+        def send(kind, task_id, parts, done=False):
             with lock, self.writing(slot):
                 write_message(self.writev, kind, task_id, parts)
+                if done:
+                    # Still marked as writing: a worker that dies (a thread its task left
+                    # may end it) has either said its task is done, or broken the channel.
+                    os.write(self.done_write, bytes([slot]))
 
         output = Output(send)
         while True:
@@ -847,9 +850,8 @@ class Workers:
             reply, parts = self.run(kind, payload)
             output.end()
             del payload
-            send(reply, task_id, parts)
+            send(reply, task_id, parts, done=True)
             del parts
-            os.write(self.done_write, bytes([slot]))
 
     @contextlib.contextmanager
     def writing(self, slot):
@@ -863,28 +865,38 @@ class Workers:
             self.states[slot] = self.IDLE
             fcntl.lockf(self.lock, fcntl.LOCK_UN)
 
-    def hand(self, kind, task_id, payload):
-        """Give a task to an idle worker."""
-        slot = self.idle.popleft()
-        self.running[slot] = task_id
-        with contextlib.suppress(OSError):  # the worker died: reap() reports its task lost
-            write_message(functools.partial(os.writev, self.pipes[slot]), kind, task_id, [payload])
+    def hand(self, backlog):
+        """Give the backlog's first tasks to the idle workers: the live ones that run
+        no task. Worked out each time, not kept in a list of its own, where a worker
+        that died idle was listed twice (once done, once replaced) and got two tasks."""
+        for slot in [slot for slot in self.pipes if slot not in self.running][: len(backlog)]:
+            kind, task_id, payload = backlog.popleft()
+            self.running[slot] = task_id
+            with contextlib.suppress(OSError):  # the worker died: reap() reports its task lost
+                write_message(functools.partial(os.writev, self.pipes[slot]), kind, task_id, [payload])
 
-    def finished(self, slots):
-        for slot in slots:
-            if self.running.pop(slot, None) is not None:
-                self.idle.append(slot)
+    def finished(self):
+        """Note the tasks whose workers said on the done pipe that their result is out."""
+        with contextlib.suppress(BlockingIOError):
+            for slot in os.read(self.done_read, 4096):
+                self.running.pop(slot, None)
 
     def reap(self):
-        """Replace the workers that died; tell the host which tasks they took with them."""
+        """Replace the workers that died; tell the host which tasks they took with them.
+        As the container's PID 1 (init=False) this process is also the parent of the
+        tasks' orphans: those it reaps, and that is all."""
         while self.pids:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if not pid:
                 return
-            slot = self.pids.pop(pid)
+            slot = self.pids.pop(pid, None)
+            if slot is None:
+                continue
             if self.states[slot] == self.WRITING:
                 diagnose("a worker died while writing its result; the channel is broken")
                 os._exit(70)
+            # A worker that died after its result went out said so first: that task is not lost.
+            self.finished()
             os.close(self.pipes.pop(slot))
             task_id = self.running.pop(slot, None)
             if task_id is not None:
@@ -912,7 +924,7 @@ def supervise(channel, workers):
     while not (stopping and not backlog and not workers.running):
         for fd, event in poller.poll(100):
             if fd == workers.done_read:
-                workers.finished(os.read(workers.done_read, 4096))
+                workers.finished()
             elif event & HANGUP:
                 return "the host hung up"
             elif not stopping:
@@ -925,8 +937,7 @@ def supervise(channel, workers):
                     poller.modify(channel.fd, HANGUP)  # what comes after STOP is not read
                 elif kind != KEEPALIVE:
                     backlog.append((kind, task_id, payload))
-        while backlog and workers.idle:
-            workers.hand(*backlog.popleft())
+        workers.hand(backlog)
         workers.reap()
         why = channel.unheard()
         if why:

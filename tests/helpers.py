@@ -416,3 +416,56 @@ def leave_a_child(then=None):
     if then is not None:
         time.sleep(then)
     return child.pid
+
+
+def exit_once_returned(gate):
+    """Return this process's pid, leaving a thread that ends the process (os._exit)
+    once the test opens the gate `gate`: a worker that dies idle, its task answered."""
+
+    def exit_at_gate():
+        wait_for_file(gate)
+        os._exit(3)
+
+    threading.Thread(target=exit_at_gate, daemon=True).start()
+    return os.getpid()
+
+
+def killed_at_gate(gate):
+    """Say "started", then kill this process once the test opens the gate `gate`."""
+    announce_then(wait_for_file, gate)
+    kill_self()
+
+
+def leave_an_orphan(gate):
+    """Fork a child that forks a grandchild and exits at once: the grandchild, an
+    orphan, goes to the nearest reaper (the container's PID 1) and exits once the
+    gate `gate` exists. Its pid."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            grandchild = os.fork()
+            if grandchild == 0:
+                wait_for_file(gate)
+            else:
+                os.write(write_end, struct.pack("i", grandchild))
+        finally:
+            os._exit(0)  # neither returns into the stub
+    os.waitpid(child, 0)  # its pid is in the pipe (the orphan holds the write end: no EOF)
+    try:
+        return struct.unpack("i", os.read(read_end, 4))[0]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def release_orphan(gate, pid, value, timeout=60):
+    """Open the gate an orphan waits at (leave_an_orphan), then return `value` once the
+    orphan `pid` is reaped (as a zombie it keeps its /proc entry)."""
+    write_text(gate, "")
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"orphan {pid} was not reaped within {timeout} s")
+        time.sleep(0.01)
+    return value

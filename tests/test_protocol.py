@@ -10,12 +10,14 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 
 import pytest
 
 import helpers
 import worker_stub as stub
+from conftest import DEADLOCK
 from conftest import wait_until
 
 STUB = stub.__file__
@@ -456,17 +458,38 @@ def _calls(*calls):
     return b"".join(messages)
 
 
+def _come_back_in_one_write(worker, task_ids):
+    """Send quick tasks together; assert that their results come back in one write."""
+    os.write(worker.process.stdin.fileno(), _calls(*[(task_id, helpers.double, task_id) for task_id in task_ids]))
+    written = _reader(os.read(worker.process.stdout.fileno(), 1 << 16))  # the stub's first write, whole
+    try:
+        replies = [stub.read_message(written, 1 << 16) for _ in task_ids]
+    except EOFError:
+        raise AssertionError(f"the results of tasks {task_ids} came back in more than one write") from None
+    assert [(kind, task_id, pickle.loads(payload)) for kind, task_id, payload in replies] == [
+        (stub.RESULT, task_id, 2 * task_id) for task_id in task_ids
+    ]
+
+
 def test_the_results_of_tasks_sent_together_come_back_in_one_write():
     """Held until the stub would wait for the host (a minute's HOLD_SECONDS: no race with it)."""
     worker = Stub(hold_seconds=60)
     try:
-        calls = _calls(*[(task_id, helpers.double, task_id) for task_id in (1, 2, 3)])
-        os.write(worker.process.stdin.fileno(), calls)
-        written = _reader(os.read(worker.process.stdout.fileno(), 1 << 16))  # the stub's first write, whole
-        replies = [stub.read_message(written, 1 << 16) for _ in range(3)]
-        assert [(kind, task_id, pickle.loads(payload)) for kind, task_id, payload in replies] == [
-            (stub.RESULT, task_id, 2 * task_id) for task_id in (1, 2, 3)
-        ]
+        _come_back_in_one_write(worker, [1, 2, 3])
+    finally:
+        worker.close()
+
+
+def test_results_are_still_held_together_after_many_have_left():
+    """Only what is held counts against HOLD_BYTES, not what left before: after twice
+    HOLD_BYTES of results, quick tasks' results still leave in one write."""
+    worker = Stub(hold_seconds=60)
+    try:
+        many = range(1, 2 * stub.HOLD_BYTES // 1000)  # results of 1000 bytes
+        os.write(worker.process.stdin.fileno(), _calls(*[(task_id, helpers.nbytes, 1000) for task_id in many]))
+        # Each read whole: none of their bytes is left in stdout's buffer, beside the raw read.
+        assert [_reply(worker)[:2] for _ in many] == [(stub.RESULT, task_id) for task_id in many]
+        _come_back_in_one_write(worker, [many[-1] + 1, many[-1] + 2, many[-1] + 3])
     finally:
         worker.close()
 
@@ -579,6 +602,52 @@ def test_a_dead_worker_is_reported_and_replaced(workers):
         kind, _, pid = _reply(workers)
         pids.add(pid)
     assert kind == stub.RESULT and len(pids) == 3
+
+
+def _answers(worker, count, timeout=DEADLOCK):
+    """(kind, task id) of the stub's next `count` answers (RESULT, RAISED, LOST), in the
+    order they come. The test fails if the stub ends first (it is killed if it still
+    owes one after `timeout` s)."""
+    answers = []
+    timer = threading.Timer(timeout, worker.process.kill)
+    timer.start()
+    try:
+        while len(answers) < count:
+            kind, task_id, _ = worker.receive()
+            if kind not in (stub.OUTPUT, stub.DROPPED):
+                answers.append((kind, task_id))
+    except EOFError:
+        raise AssertionError(f"the stub ended after {answers}, owing {count - len(answers)} answers") from None
+    finally:
+        timer.cancel()
+    return answers
+
+
+def test_a_worker_that_dies_idle_takes_no_task_with_it(tmp_path):
+    """A worker dies between tasks (a thread its task left calls os._exit): it is
+    replaced, and counted idle once. Were it twice, two tasks would go down one
+    worker's pipe; when that worker died, LOST would name the second (which never
+    ran), and the first would never be answered."""
+    worker = Stub({**HELLO, "python": list(sys.version_info[:2]), "workers": 2})
+    try:
+        worker.call(1, helpers.exit_once_returned, str(tmp_path / "exit"))
+        kind, task_id, pid = _reply(worker)
+        assert (kind, task_id) == (stub.RESULT, 1)
+        (tmp_path / "exit").touch()
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="the idle worker to die and be reaped")
+        gate = str(tmp_path / "gate")
+        calls = _calls((2, helpers.killed_at_gate, gate), (3, helpers.killed_at_gate, gate), (4, helpers.double, 4))
+        os.write(worker.process.stdin.fileno(), calls)
+        started = set()
+        while len(started) < 2:  # both workers are busy; task 4 waits for one
+            kind, task_id, _ = worker.receive()
+            assert kind == stub.OUTPUT, (kind, task_id)
+            started.add(task_id)
+        (tmp_path / "gate").touch()
+        assert sorted(_answers(worker, 3)) == [(stub.RESULT, 4), (stub.LOST, 2), (stub.LOST, 3)]
+    finally:
+        worker.process.kill()
+        worker.close()
 
 
 def test_workers_finish_what_came_before_stop(workers):

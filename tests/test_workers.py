@@ -1,6 +1,7 @@
 """Several worker processes in one container, and a host that falls silent."""
 
 import signal
+import time
 
 import pytest
 
@@ -30,6 +31,33 @@ def test_a_dying_worker_process_loses_its_task_only_and_the_container_stays(any_
     assert slow.result(DEADLOCK) == "slow"
     assert list(pool.map(helpers.double, range(10))) == [2 * i for i in range(10)]
     assert any_runtime.blocks() == [info.value.container_id]
+
+
+def test_a_stub_whose_worker_died_still_exits_on_stop(make_pool, engine, label):
+    """A dead worker's task is no longer running: on STOP the stub exits by itself
+    (exit code 0), not removed by force after _EXIT_GRACE (137)."""
+    from test_lifecycle import exit_codes
+
+    pool = make_pool(workers_per_block=2)
+    with pytest.raises(WorkerLost):
+        pool.submit(helpers.kill_self).result(DEADLOCK)
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+    since = time.time()
+    pool.shutdown()
+    assert exit_codes(engine, label, since) == [0], "not exited on STOP: removed by force after _EXIT_GRACE"
+
+
+def test_a_stub_without_init_reaps_the_orphans_of_tasks(make_pool):
+    """With init=False the stub is the container's PID 1, and a task's orphan its
+    child: reaping it is PID 1's job, and no worker's death. The task running
+    then, and those after it, run in the same container."""
+    pool = make_pool(workers_per_block=2, container_options={"init": False})
+    here = pool.submit(helpers.hostname_after, 0).result(DEADLOCK)
+    gate = "/tmp/minipool-orphan-gate"
+    orphan = pool.submit(helpers.leave_an_orphan, gate).result(DEADLOCK)
+    assert pool.submit(helpers.release_orphan, gate, orphan, "reaped").result(DEADLOCK) == "reaped"
+    assert list(pool.map(helpers.double, range(10))) == [2 * i for i in range(10)]
+    assert pool.submit(helpers.hostname_after, 0).result(DEADLOCK) == here
 
 
 def test_a_lost_process_task_is_retried(any_runtime, tmp_path):
