@@ -339,6 +339,36 @@ def _cancel_queued(item: _WorkItem) -> None:
         item.future.set_running_or_notify_cancel()
 
 
+class _CtrlCWaits:
+    """While the pool takes a task in the caller's main thread, a Ctrl-C waits: its
+    handler runs once the pool has the task whole, or not at all (issue 20: cut
+    halfway, the pool held a task whose future had failed, or one no block would
+    answer). Python runs a signal's handler in the main thread alone, between two
+    bytecodes; meanwhile this notes the signal, and gives it to that handler after.
+    Nested, the inner one hands the signal to the outer."""
+
+    __slots__ = ("came", "handler")
+
+    def __enter__(self) -> _CtrlCWaits:
+        self.came = False
+        self.handler: Callable[[int, Any], Any] | None = None
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._note)
+            self.handler = handler
+        return self
+
+    def _note(self, signum: int, frame: types.FrameType | None) -> None:
+        self.came = True
+
+    def __exit__(self, *exc_info: Any) -> None:
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+            if self.came:
+                handler(signal.SIGINT, sys._getframe(1))  # default_int_handler raises KeyboardInterrupt
+
+
 # --------------------------------------------------------------------------- wire protocol
 
 
@@ -2208,21 +2238,45 @@ class _Pool:
         """Queue the task; when a container is idle and the message small, the
         caller's thread sends it at once, sparing a hand-off to the block thread.
         The task of an app call still promised (see promise()) is taken after
-        shutdown too."""
-        with self._changed:
-            self.check_open(promised)
-            container = None
-            if not self._pending and item.size <= _DIRECT_SEND:
-                idle = (c for c in self._containers if self._has_free_worker(c) and self._has_room(c, item))
-                container = next(idle, None)
-            task_id = self._assign(container, item) if container is not None else None
-            if task_id is None:
+        shutdown too.
+
+        A Ctrl-C may cut this anywhere (issue 20): the pool must then hold the task
+        whole or not at all. Queueing it changes the pool by one append, which no
+        signal splits (and withdraw() takes it back); sending it at once and adding
+        a block take several steps, and hold a Ctrl-C back until they are done."""
+        if self._pending or item.size > _DIRECT_SEND or not self._send_at_once(item, promised):
+            with self._changed:
+                self.check_open(promised)
                 self._pending.append(item)
                 self._scale_up()
-            if task_id is None or item.deadline is not None:  # a deadline to watch
                 self._changed.notify_all()
-        if container is not None and task_id is not None:
+
+    def _send_at_once(self, item: _WorkItem, promised: Future | None) -> bool:
+        """Send the task to an idle container from the caller's thread; False if none is idle."""
+        with _CtrlCWaits():
+            with self._changed:
+                self.check_open(promised)
+                idle = (c for c in self._containers if self._has_free_worker(c) and self._has_room(c, item))
+                container = next(idle, None)
+                if self._pending or container is None:
+                    return False
+                task_id = self._assign(container, item)
+                if task_id is None:
+                    return True  # cancelled meanwhile: nothing to send
+                if item.deadline is not None:
+                    self._changed.notify_all()  # for its block thread to watch
             self._send(container, [(task_id, item)])
+        return True
+
+    def withdraw(self, item: _WorkItem) -> None:
+        """submit() raised, maybe after taking the task (a Ctrl-C): cancel it if it
+        waits still, as the caller never got its future. A task a container has runs on."""
+        with self._changed:
+            queued = item in self._pending
+            if queued:
+                self._pending.remove(item)
+        if queued:
+            _cancel_queued(item)
 
     def check_open(self, promised: Future | None = None) -> None:
         """Raise what submit must raise when the pool takes no more work."""
@@ -2352,15 +2406,17 @@ class _Pool:
         """Start a block thread (under the lock). It waits for another block to be ready
         first (_FIRST_BLOCK_HEAD_START) only if there is one: a pool scaling up from no
         block starts at once, whatever the block's number (issue 20)."""
-        number = next(self._block_numbers)
-        head_start = self._blocks > 0
-        self._blocks += 1
-        self._alive += 1
-        thread = threading.Thread(
-            target=self._run_block, args=(number, head_start), name=f"minipool-{self._label}-block-{number}"
-        )
-        self._threads.append(thread)
-        thread.start()
+        # Counted and started, or neither: a Ctrl-C in submit() waits (see submit).
+        with _CtrlCWaits():
+            number = next(self._block_numbers)
+            head_start = self._blocks > 0
+            self._blocks += 1
+            self._alive += 1
+            thread = threading.Thread(
+                target=self._run_block, args=(number, head_start), name=f"minipool-{self._label}-block-{number}"
+            )
+            self._threads.append(thread)
+            thread.start()
         self._changed.notify_all()
 
     def _scale_up(self) -> None:
@@ -3169,20 +3225,36 @@ class ContainerPoolExecutor(Executor):
             self._pool.check_open(promised)
             future.set_exception(exc)
             return future
-        if results is not None:
-            # A buffer the caller still holds could change before it is sent: the key
-            # must be of the bytes that go.
-            parts = [part if isinstance(part, bytes) else bytes(part) for part in parts]
+        if results is None:
+            self._take(_WorkItem(future, kind, call[0], parts, size), promised)
+            return future
+        # A buffer the caller still holds could change before it is sent: the key
+        # must be of the bytes that go.
+        parts = [part if isinstance(part, bytes) else bytes(part) for part in parts]
+        item = _WorkItem(future, kind, call[0], parts, size)
+        # Claimed, the future must settle, or identical calls wait for ever: a Ctrl-C
+        # waits until the pool has its task.
+        with _CtrlCWaits() as ctrl_c:
             shared = results.claim(results.key(parts), future)
             if shared is not None:
                 return _follower(shared)
-        try:
-            self._pool.submit(_WorkItem(future, kind, call[0], parts, size), promised)
-        except BaseException as exc:
-            future.set_exception(exc)  # an identical call may share it; the cache then forgets it
-            raise
+            self._take(item, promised)
+            if ctrl_c.came:
+                self._pool.withdraw(item)
         # Each cached call has a future of its own: cancelling one cancels no other.
-        return future if results is None else _follower(future)
+        return _follower(future)
+
+    def _take(self, item: _WorkItem, promised: Future | None) -> None:
+        """Give the task to the pool. If that raises (a Ctrl-C, a pool shut down),
+        the task is the pool's, or withdrawn, or its future has the error: an
+        identical call may share it, and the cache then forgets it."""
+        try:
+            self._pool.submit(item, promised)
+        except BaseException as exc:
+            self._pool.withdraw(item)
+            if not item.running and not item.future.done():  # it never was the pool's
+                item.future.set_exception(exc)
+            raise
 
     def app(
         self, fn: Callable[..., Any] | None = None, /, *, cache: bool | str | os.PathLike = False
@@ -3216,8 +3288,12 @@ class ContainerPoolExecutor(Executor):
             return self._submit(_stub.CALL, (fn, args, kwargs), results=results)
         future: Future = Future()
         future.add_done_callback(_notify_cancel)
-        self._pool.promise(future)
-        _when_all_done(inputs, lambda: self._dispatch(future, fn, results, args, kwargs, inputs))
+        with _CtrlCWaits() as ctrl_c:
+            # A promise the pool holds keeps it open: it must be kept, or the future cancelled.
+            self._pool.promise(future)
+            _when_all_done(inputs, lambda: self._dispatch(future, fn, results, args, kwargs, inputs))
+            if ctrl_c.came:
+                future.cancel()
         return future
 
     def _dispatch(

@@ -280,3 +280,83 @@ def test_a_second_ctrl_c_kills_the_containers(images, engine, label, ends):
     killed = "ended BrokenContainerPool(\"the pool's containers were stopped with SIGKILL by a Ctrl-C"
     assert out.startswith(killed), err
     assert not containers_labelled(engine, label)
+
+
+
+# Every line of what submit() runs gets a real SIGINT in turn (raised as the line
+# starts; its handler runs a bytecode or so later). After each, the pool must be whole:
+# the next task runs; a task whose submit was cut never reached the pool, was
+# cancelled, or runs to its end; nothing is logged; and the pool shuts down at once.
+CTRL_C_IN_SUBMIT = """
+import dis, logging, signal, sys
+import helpers, minipool
+from minipool import ContainerPoolExecutor
+
+logging.basicConfig(level=logging.ERROR)  # a reader's ProtocolError, a block that failed
+OPTIONS = dict(ship=[helpers.__file__], label={label!r}, channel={channel!r})
+executor, pool = ContainerPoolExecutor, minipool._Pool
+
+def lines(*functions):
+    return [(f, line) for f in functions for line in sorted({{n for _, n in dis.findlinestarts(f.__code__) if n}})]
+
+def ctrl_c_at(function, line, submit):
+    fired = []
+    def trace_lines(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and not fired:
+            fired.append(line)
+            signal.raise_signal(signal.SIGINT)
+        return trace_lines
+    sys.settrace(lambda frame, event, arg: trace_lines if frame.f_code is function.__code__ else None)
+    try:
+        submit()
+    except KeyboardInterrupt:
+        return 1
+    finally:
+        sys.settrace(None)
+    assert not fired, f"a Ctrl-C at line {{line}} of {{function.__qualname__}} was lost"
+    return 0
+
+def check(executor, n):
+    assert executor.submit(helpers.double, n).result(30) == 2 * n, n
+
+ours = [getattr(owner, name) for owner, name in [
+    (executor, "_submit"), (executor, "_take"), (executor, "_call_app"), (pool, "submit"), (pool, "_send_at_once"),
+    (pool, "withdraw"), (pool, "check_open"), (pool, "_scale_up"), (pool, "_assign"), (pool, "_send"),
+    (minipool._Container, "send_tasks"), (minipool._Results, "claim"),
+    (getattr(minipool, "_CtrlCWaits", None), "__enter__"), (getattr(minipool, "_CtrlCWaits", None), "__exit__"),
+] if hasattr(owner, name)]
+fired, kept = 0, []
+with ContainerPoolExecutor("app1_v0.1", blocks=1, workers_per_block=2, **OPTIONS) as idle:
+    # A task runs on the other worker meanwhile: none may fail for what a Ctrl-C cut.
+    other = idle.submit(helpers.sleep_then, 10, "other")
+    for function, line in lines(*ours):  # an idle worker: submit sends the task itself
+        fired += ctrl_c_at(function, line, lambda: kept.append(idle.submit(helpers.double, line)))
+        check(idle, line)
+    for function, line in lines(*ours):  # no idle worker: the task waits in the queue
+        kept.append(idle.submit(helpers.sleep_then, 0.05, line))
+        fired += ctrl_c_at(function, line, lambda: kept.append(idle.submit(helpers.double, line)))
+        check(idle, line)
+    app = idle.app(cache=True)(helpers.double)
+    for function, line in lines(*ours):
+        fired += ctrl_c_at(function, line, lambda: kept.append(app(line)))
+        assert app(line).result(30) == 2 * line, line  # an identical call: it shares that one's future
+        fired += ctrl_c_at(function, line, lambda: kept.append(app(idle.submit(helpers.double, -line))))
+    for future in kept:
+        assert future.cancelled() or future.exception(30) is None, future
+    assert other.result(30) == "other"
+for function, line in lines(pool._add_block, *ours[-2:]):  # a block is added
+    with ContainerPoolExecutor("app1_v0.1", blocks=0, **OPTIONS) as scaling:
+        kept = []
+        fired += ctrl_c_at(function, line, lambda: kept.append(scaling.submit(helpers.double, line)))
+        check(scaling, line)
+        assert not kept or kept[0].cancelled() or kept[0].result(30) == 2 * line
+print("fired", fired, flush=True)
+"""
+
+
+@pytest.mark.parametrize("channel", ["auto", "attach"])
+def test_a_ctrl_c_anywhere_in_submit_leaves_the_pool_whole(images, label, channel):
+    code, out, err = finish(start_script(CTRL_C_IN_SUBMIT.format(label=label, channel=channel)))
+    assert code == 0 and out.startswith("fired"), err
+    assert int(out.split()[1]) > 100, out  # the SIGINTs were raised
+    assert not err  # nothing logged
