@@ -1,9 +1,15 @@
 """python -m minipool ps | cleanup, run as a user would."""
 
 import os
+import pwd
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import textwrap
 
+from conftest import APP1
 from conftest import DEADLOCK
 from conftest import ROOT
 from conftest import containers_labelled
@@ -57,3 +63,38 @@ def test_cleanup_removes_what_dead_owners_left_and_nothing_else(images, engine, 
         assert f"removed {orphan[:12]}" in cleaned.stdout
         assert len(containers_labelled(engine, label)) == 1  # the live pool's container stays
         assert pool.submit(abs, -4).result(DEADLOCK) == 4
+
+
+def test_cleanup_by_another_user_leaves_the_containers_of_live_callers(second_engine):
+    """On an engine users share, another user's cleanup may not signal our process
+    (kill(pid, 0) is refused, not "no such process"): to it we are alive, and our
+    container stays. A dead caller's goes. (The second engine, opened to nobody, is
+    the test's own: no one else's container is at stake.)"""
+    client = second_engine.client()
+    try:
+        ours = {"minipool": "test", "minipool.host": socket.gethostname(), "minipool.pid": str(os.getpid())}
+        live = client.api.create_container(APP1, ["python3"], labels=ours)["Id"]
+        dead = left_by_a_dead_caller(client, "a-dead-caller")
+        os.chmod(second_engine.root, 0o711)
+        os.chmod(second_engine.url.removeprefix("unix://"), 0o666)
+        nobody = pwd.getpwnam("nobody")
+        scratch = tempfile.mkdtemp(prefix="minipool-nobody-")  # nobody's TMPDIR: its sweep reaches no one's
+        os.chmod(scratch, 0o777)
+        try:
+            code = f"""
+                import os, sys
+                import minipool
+                os.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})
+                sys.exit(minipool._main(["--engine", {second_engine.url!r}, "cleanup"]))
+                """
+            env = {**os.environ, "PYTHONPATH": ROOT, "TMPDIR": scratch}
+            cleaned = subprocess.run(
+                [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=DEADLOCK, env=env
+            )
+        finally:
+            shutil.rmtree(scratch)
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert f"removed {dead[:12]}" in cleaned.stdout
+        assert [c["Id"] for c in client.api.containers(all=True)] == [live], cleaned.stdout
+    finally:
+        client.close()
