@@ -6,6 +6,7 @@ import concurrent.futures
 import glob
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import helpers
 import minipool
 from conftest import ROOT
 from conftest import containers_labelled
+from conftest import on_host
 from conftest import read_lines
 from conftest import start_script
 from conftest import wait_until
@@ -160,7 +162,18 @@ def test_blocks_that_start_at_once_share_one_channel_directory(monkeypatch):
     os.rmdir(where)
 
 
-def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(engine, label, make_pool):
+@pytest.fixture
+def own_tmpdir(monkeypatch):
+    """A temporary directory of the test's own, this process's and its callers' (TMPDIR):
+    a dead caller's channel directory there is this test's alone to sweep, not the first
+    pool's of another run on this host. Short: a socket's path has 108 bytes at most."""
+    where = tempfile.mkdtemp(prefix="mp-")
+    monkeypatch.setattr(tempfile, "tempdir", where)
+    yield where
+    shutil.rmtree(where)
+
+
+def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(own_tmpdir, engine, label, make_pool):
     caller = start_script(
         f"""
         import helpers
@@ -168,7 +181,8 @@ def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(engine
         pool = ContainerPoolExecutor("app1_v0.1", ship=[helpers.__file__], label={label!r})
         print(pool.submit(helpers.talks_over_a_socket).result(), flush=True)
         input()
-        """
+        """,
+        environment={"TMPDIR": own_tmpdir},
     )
     try:
         assert read_lines(caller, 1) == ["True\n"]
@@ -185,16 +199,14 @@ def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(engine
     assert not os.path.exists(left[0])
 
 
-def test_cleanup_removes_the_directories_of_callers_that_are_gone():
+def test_cleanup_removes_the_directories_of_callers_that_are_gone(own_tmpdir, own_host):
+    """(Run on a host of its own, cleanup leaves other runs' containers on this engine.)"""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid is nobody's now (or soon another's; then cleanup leaves it, and so do we)
-    path = tempfile.mkdtemp(prefix=f"minipool-channel-{socket.gethostname()}-{gone.pid}-")
-    try:
-        cli = subprocess.run(
-            [sys.executable, "-m", "minipool", "cleanup"], capture_output=True, text=True, cwd=ROOT, timeout=60
-        )
-        assert f"removed {path} (owner gone)" in cli.stdout, cli
-        assert not os.path.exists(path)
-    finally:
-        if os.path.exists(path):
-            os.rmdir(path)
+    path = tempfile.mkdtemp(prefix=f"minipool-channel-{own_host}-{gone.pid}-")
+    cli = subprocess.run(
+        on_host(own_host, [sys.executable, "-m", "minipool", "cleanup"]),
+        capture_output=True, text=True, cwd=ROOT, timeout=60, env={**os.environ, "TMPDIR": own_tmpdir},
+    )
+    assert f"removed {path} (owner gone)" in cli.stdout, cli
+    assert not os.path.exists(path)
