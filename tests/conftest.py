@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -104,18 +105,39 @@ def containers_labelled(engine, label):
     return [c["Id"] for c in engine.api.containers(all=True, filters={"label": f"minipool.label={label}"})]
 
 
-def left_by_a_dead_caller(engine, label):
+def left_by_a_dead_caller(engine, label, host):
     """A Created container whose owner process is gone, as a caller killed between
-    create and start leaves it; its id."""
+    create and start leaves it; its id. Its labels name `host`: give it one of the
+    test's own (own_host), or every run's sweep on a shared engine may take it first."""
     gone = subprocess.Popen(["true"])
     gone.wait()  # its pid now names no process
     labels = {
         "minipool": "test",
-        "minipool.host": socket.gethostname(),
+        "minipool.host": host,
         "minipool.pid": str(gone.pid),
         "minipool.label": label,
     }
     return engine.api.create_container(APP1, ["python3"], labels=labels)["Id"]
+
+
+@pytest.fixture
+def own_host(monkeypatch):
+    """A host name of the test's own, which this process reports from now on
+    (socket.gethostname): the containers and channel directories its pools make, and
+    a dead caller's labelled with it, are this test's alone to sweep. Other runs on
+    the same engine and /tmp take them for another host's, and leave them."""
+    name = f"mp-{uuid.uuid4().hex[:8]}"  # short: `python -m minipool ps` shows 28 characters of HOST:PID STATE
+    monkeypatch.setattr(socket, "gethostname", lambda: name)
+    return name
+
+
+def on_host(name, argv):
+    """`argv` run on the host `name`: in a UTS namespace of its own (needs root and unshare)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but a command cannot run under a host name of its own (needs root and unshare)")
+        pytest.skip("a host name of the test's own needs root and unshare")
+    return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
 
 
 def minipool_threads(label):
@@ -397,8 +419,10 @@ def processes():
 
 
 def block_directories():
-    """The block TMPDIRs a command runtime's pools make under this host's temporary directory."""
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "minipool-block-*")))
+    """The block TMPDIRs this process's command runtime pools make under the temporary
+    directory (not other runs': their new ones are not ours to find left, nor remove)."""
+    own = f"minipool-block-{socket.gethostname()}-{os.getpid()}-*"
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), own)))
 
 
 class Runtime:

@@ -2,11 +2,16 @@
 and the attach stream where that cannot work (issue 12). The behaviour, fault and
 pool suites run on both channels through RUNTIMES (docker, docker-attach, ...)."""
 
+import base64
 import concurrent.futures
 import glob
+import http.server
+import json
 import logging
 import os
+import shutil
 import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -18,10 +23,15 @@ import pytest
 
 import helpers
 import minipool
+from conftest import APP1
+from conftest import DEADLOCK
 from conftest import ROOT
+from conftest import SecondEngine
 from conftest import containers_labelled
+from conftest import on_host
 from conftest import read_lines
 from conftest import start_script
+from conftest import started
 from conftest import wait_until
 from minipool import StartupError
 
@@ -87,6 +97,92 @@ def test_a_temporary_directory_too_long_for_a_socket_gets_the_attach_stream(make
         assert pool.submit(helpers.talks_over_a_socket).result() is False
     assert "over the attach stream: cannot listen on a unix socket in" in caplog.text
     assert "AF_UNIX path too long" in caplog.text
+
+
+class Policy(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A Docker authorization plugin (the AuthZ protocol), as a site's policy is one:
+    it refuses the `refuse`-th create of a container with the pool's channel mount,
+    and allows every other request."""
+
+    daemon_threads = True
+    refuse = 0
+    refused = 0
+
+    def __init__(self, path):
+        self.creates = 0
+        self.lock = threading.Lock()
+        super().__init__(path, PolicyAnswers)
+
+    def decide(self, asked):
+        body = base64.b64decode(asked.get("RequestBody") or "")
+        if "/containers/create" in asked["RequestUri"] and b"/minipool-channel" in body:
+            with self.lock:
+                self.creates += 1
+                if self.creates == self.refuse:
+                    self.refused += 1
+                    return {"Allow": False, "Msg": "site policy: no new container just now, try again later"}
+        return {"Allow": True}
+
+
+class PolicyAnswers(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or "null")
+        if self.path == "/Plugin.Activate":
+            answer = {"Implements": ["authz"]}
+        elif self.path == "/AuthZPlugin.AuthZReq":
+            answer = self.server.decide(asked)
+        else:  # AuthZRes: the engine's answer to a request allowed may go back
+            answer = {"Allow": True}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/vnd.docker.plugins.v1.2+json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass  # a unix socket's peer has no address to log
+
+
+class EngineWithAPolicy(SecondEngine):
+    """A dockerd of the test's own that asks the plugin `plugin` about every request."""
+
+    plugin = f"minipool-test-policy-{os.getpid()}"
+
+    def command(self):
+        return [*super().command(), f"--authorization-plugin={self.plugin}"]
+
+
+@pytest.fixture
+def policed_engine(engine, images):
+    """(EngineWithAPolicy, its Policy), the plugin's socket where dockerd finds plugins."""
+    if os.geteuid() != 0:
+        pytest.skip("an engine of the test's own, with a plugin in /run/docker/plugins, needs root")
+    os.makedirs("/run/docker/plugins", exist_ok=True)
+    path = f"/run/docker/plugins/{EngineWithAPolicy.plugin}.sock"
+    with Policy(path) as policy:
+        threading.Thread(target=policy.serve_forever, daemon=True).start()
+        try:
+            with started(EngineWithAPolicy, engine, [APP1]) as policed:
+                yield policed, policy
+        finally:
+            policy.shutdown()
+            os.unlink(path)
+
+
+def test_a_create_refused_for_another_reason_leaves_the_pool_on_its_sockets(policed_engine, make_pool, caplog):
+    """Only a refused mount of the channel directory means the sockets cannot work
+    with this engine. A create refused for a reason of the engine's own (here a
+    site's authorization plugin, once) is tried again, as a hiccup is, and every
+    container, the refused one's replacement too, still talks over a unix socket."""
+    engine, policy = policed_engine
+    policy.refuse = 2  # the second container's create, once
+    with caplog.at_level(logging.INFO, logger="minipool"):
+        pool = make_pool(engine=engine.url, max_tasks_per_block=1)  # a new container for each task
+        assert [pool.submit(helpers.talks_over_a_socket).result(DEADLOCK) for _ in range(3)] == [True] * 3
+    assert policy.refused == 1
+    assert "a container failed to start, trying again" in caplog.text and "site policy" in caplog.text
+    assert "over the attach stream" not in caplog.text
 
 
 @pytest.mark.parametrize("source", [None, "/nonexistent/minipool-channel"], ids=["no connection", "no mount"])
@@ -162,7 +258,18 @@ def test_blocks_that_start_at_once_share_one_channel_directory(monkeypatch):
     os.rmdir(where)
 
 
-def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(engine, label, make_pool):
+@pytest.fixture
+def own_tmpdir(monkeypatch):
+    """A temporary directory of the test's own, this process's and its callers' (TMPDIR):
+    a dead caller's channel directory there is this test's alone to sweep, not the first
+    pool's of another run on this host. Short: a socket's path has 108 bytes at most."""
+    where = tempfile.mkdtemp(prefix="mp-")
+    monkeypatch.setattr(tempfile, "tempdir", where)
+    yield where
+    shutil.rmtree(where)
+
+
+def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(own_tmpdir, engine, label, make_pool):
     caller = start_script(
         f"""
         import helpers
@@ -170,7 +277,8 @@ def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(engine
         pool = ContainerPoolExecutor("app1_v0.1", ship=[helpers.__file__], label={label!r})
         print(pool.submit(helpers.talks_over_a_socket).result(), flush=True)
         input()
-        """
+        """,
+        environment={"TMPDIR": own_tmpdir},
     )
     try:
         assert read_lines(caller, 1) == ["True\n"]
@@ -187,16 +295,14 @@ def test_the_channel_directory_of_a_killed_caller_goes_with_the_next_pool(engine
     assert not os.path.exists(left[0])
 
 
-def test_cleanup_removes_the_directories_of_callers_that_are_gone():
+def test_cleanup_removes_the_directories_of_callers_that_are_gone(own_tmpdir, own_host):
+    """(Run on a host of its own, cleanup leaves other runs' containers on this engine.)"""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid is nobody's now (or soon another's; then cleanup leaves it, and so do we)
-    path = tempfile.mkdtemp(prefix=f"minipool-channel-{socket.gethostname()}-{gone.pid}-")
-    try:
-        cli = subprocess.run(
-            [sys.executable, "-m", "minipool", "cleanup"], capture_output=True, text=True, cwd=ROOT, timeout=60
-        )
-        assert f"removed {path} (owner gone)" in cli.stdout, cli
-        assert not os.path.exists(path)
-    finally:
-        if os.path.exists(path):
-            os.rmdir(path)
+    path = tempfile.mkdtemp(prefix=f"minipool-channel-{own_host}-{gone.pid}-")
+    cli = subprocess.run(
+        on_host(own_host, [sys.executable, "-m", "minipool", "cleanup"]),
+        capture_output=True, text=True, cwd=ROOT, timeout=60, env={**os.environ, "TMPDIR": own_tmpdir},
+    )
+    assert f"removed {path} (owner gone)" in cli.stdout, cli
+    assert not os.path.exists(path)

@@ -70,9 +70,38 @@ def test_task_timeout_holds_while_a_large_task_is_still_being_sent(any_runtime):
     assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
 
 
+def test_task_timeout_counts_from_when_the_task_starts_not_while_it_waits_behind_another(make_pool):
+    """With task_timeout a quick function's tasks go one at a time, as slow ones do:
+    a task that waited in the container behind another would be killed for the time
+    it waited. Each of these takes 0.6 of the timeout; both together, 1.2."""
+    pool = make_pool(task_timeout=5)
+    assert [pool.submit(helpers.sleep_then, 0).result(DEADLOCK) for _ in range(30)] == [None] * 30  # pace: quick
+    first = pool.submit(helpers.sleep_then, 3, "first")
+    second = pool.submit(helpers.sleep_then, 3, "second")
+    assert first.result(DEADLOCK) == "first"
+    assert second.result(DEADLOCK) == "second"
+
+
 def test_retries_run_a_lost_task_again(any_runtime, tmp_path):
     pool = any_runtime.pool(retries=1, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
     assert pool.submit(helpers.die_once, "/shared/marker").result(DEADLOCK) == "second time lucky"
+
+
+def test_a_lost_task_runs_again_before_the_tasks_queued_behind_it(make_pool, tmp_path):
+    """A retried task is first in line (README): it does not wait behind the queue
+    that formed while it ran, nor stall a map() whose first result it is."""
+    pool = make_pool(retries=1, volumes={str(tmp_path): {"bind": "/shared", "mode": "rw"}})
+    finished = []  # in the order the futures end
+    gate = pool.submit(helpers.wait_for_file, "/shared/gate")  # holds the block while the queue forms
+    lost = pool.submit(helpers.die_once, "/shared/marker")
+    queued = [pool.submit(helpers.double, i) for i in range(20)]
+    for name, future in [("lost", lost), *enumerate(queued)]:
+        future.add_done_callback(lambda _, name=name: finished.append(name))
+    (tmp_path / "gate").touch()
+    assert lost.result(DEADLOCK) == "second time lucky"
+    assert [f.result(DEADLOCK) for f in queued] == [2 * i for i in range(20)]
+    gate.result(DEADLOCK)
+    assert finished == ["lost", *range(20)]
 
 
 def test_retries_exhausted_lists_every_attempt(any_runtime):
@@ -396,6 +425,25 @@ def test_results_held_when_a_task_kills_the_container_are_not_lost(make_pool, ca
         pytest.fail("the crash never took a held result with it")
     said = [record for record in caplog.records if hasattr(record, "container") and "where: " in record.getMessage()]
     assert said and all(record.getMessage() == f"{record.container}: where: {record.container}" for record in said)
+
+
+def test_a_suspect_runs_alone_so_its_next_death_names_it(make_pool, caplog):
+    """After a container dies with two quick tasks sent, each runs again alone: a task
+    submitted meanwhile waits instead of joining the suspect in flight, so when the
+    suspect kills its next container it alone is charged, and only one container dies
+    with several tasks sent."""
+    caplog.set_level(logging.INFO, logger="minipool")
+    pool = make_pool()
+    assert [pool.submit(helpers.exit_after, 0).result(DEADLOCK) for _ in range(30)] == [0] * 30  # pace: quick
+    # Each kills its container after a second; the second is sent behind the first.
+    first, second = pool.submit(helpers.exit_after, 1, 3), pool.submit(helpers.exit_after, 1, 3)
+    with pytest.raises(WorkerLost, match="exit code 3"):
+        first.result(DEADLOCK)  # run again alone, it died alone
+    later = pool.submit(helpers.exit_after, 0)  # while `second`, the other suspect, waits or runs alone
+    with pytest.raises(WorkerLost, match="exit code 3"):
+        second.result(DEADLOCK)
+    assert later.result(DEADLOCK) == 0
+    assert caplog.text.count("quick tasks sent; each runs again alone") == 1, caplog.text
 
 
 def test_tasks_queued_behind_a_crash_in_the_pipeline_run_unharmed(any_runtime):

@@ -146,21 +146,21 @@ def test_caller_killed_while_tasks_run_leaves_no_container(images, engine, label
     wait_until(lambda: not containers_labelled(engine, label), timeout=10, what="containers of a killed caller to go")
 
 
-def test_a_leak_fails_the_test_and_is_removed(engine, images, label):
+def test_a_leak_fails_the_test_and_is_removed(engine, images, label, own_host):
     """The label fixture's check: a container left behind fails the test, and is
     removed first, not left for the tests after it."""
-    left_by_a_dead_caller(engine, label)
+    left_by_a_dead_caller(engine, label, own_host)
     with pytest.raises(AssertionError, match="containers left behind"):
         assert_none_left(engine, label, timeout=0.2)
     assert not containers_labelled(engine, label)
 
 
-def test_a_container_left_in_created_by_a_dead_caller_is_swept_by_the_next_pool(any_engine, images, label):
+def test_a_container_left_in_created_by_a_dead_caller_is_swept_by_the_next_pool(any_engine, images, label, own_host):
     """A caller killed between create and start leaves a Created container behind:
     the next pool on the engine from this host removes it (on Podman too, where
     keepalives cannot help: a Created container runs nothing)."""
     client, url, options = any_engine
-    left_by_a_dead_caller(client, label)
+    left_by_a_dead_caller(client, label, own_host)
     assert len(containers_labelled(client, label)) == 1
     with ContainerPoolExecutor("app1_v0.1", engine=url, container_options=options, label=label + "-next") as pool:
         assert pool.submit(abs, -1).result(DEADLOCK) == 1

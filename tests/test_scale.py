@@ -169,3 +169,24 @@ def test_a_refused_scale_up_leaves_the_working_blocks_serving(make_pool, label, 
     assert [f.result(DEADLOCK) for f in futures] == list(range(12))
     assert any("could not start" in record.getMessage() for record in caplog.records)
     assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4
+
+
+def test_a_pool_whose_blocks_all_retired_after_a_refused_scale_up_starts_one_for_new_work(
+    make_pool, engine, label, tmp_path, caplog, monkeypatch
+):
+    """A refused start pauses adding blocks only while others serve: once every block
+    has retired (idle_timeout), a task submitted in the pause still gets one. The
+    pause is made endless, so only a pool that waits for it misses the deadline."""
+    monkeypatch.setattr(minipool, "_SCALE_UP_PAUSE", 3600.0)
+    pool = make_pool(
+        blocks=1, min_blocks=0, max_blocks=2, idle_timeout=0.5,
+        # A fixed container name: the engine refuses a second container while the first lives.
+        container_options={"name": f"{label}-the-only-one"}, volumes={str(tmp_path): {"bind": "/shared"}},
+    )
+    # The second task waits for the busy block: a block is added, and refused.
+    held = [pool.submit(helpers.wait_for_file, "/shared/gate", i) for i in range(2)]
+    wait_until(lambda: "could not start a container; the pool goes on" in caplog.text, what="the refused start")
+    (tmp_path / "gate").touch()
+    assert [f.result(DEADLOCK) for f in held] == [0, 1]
+    wait_until(lambda: not containers_labelled(engine, label), what="every idle block to retire")
+    assert pool.submit(helpers.double, 2).result(DEADLOCK) == 4

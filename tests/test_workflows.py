@@ -11,6 +11,7 @@ import threading
 import pytest
 
 import helpers
+from conftest import APP1
 from conftest import APP2
 from conftest import DEADLOCK
 from conftest import ROOT
@@ -204,6 +205,14 @@ def test_a_cache_directory_serves_a_later_pool(make_pool, shared, tmp_path_facto
         noted = make_pool(**options).app(cache=cache)(helpers.noted)
         assert noted("/shared/runs", {"big": bytes(3 << 20)}).result(DEADLOCK) == {"big": bytes(3 << 20)}
     assert runs(directory) == 1
+
+
+def test_pools_of_two_images_sharing_a_cache_directory_keep_their_own_results(make_pool, tmp_path):
+    """The same call in the seed's two images answers differently (app1 doubles,
+    app2 squares): a cache directory shared by both pools serves each its own."""
+    for image, answer in [(APP1, [2, 4, 6]), (APP2, [1, 4, 9]), (APP1, [2, 4, 6])]:
+        predict = make_pool(image).app(cache=tmp_path)(helpers.predict_with_the_images_app)
+        assert predict([1, 2, 3]).result(DEADLOCK) == answer, image
 
 
 def test_a_foreign_or_corrupt_cache_file_is_an_error(make_pool, tmp_path):
