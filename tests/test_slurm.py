@@ -1,4 +1,4 @@
-"""Blocks as Slurm jobs (issue 11): provider=minipool.Slurm(...), on a real one-node
+"""Blocks as Slurm jobs (issue 11): provider=minipool.Slurm(...), on a real four-node
 cluster of the session's own (conftest's slurm_cluster) with Charliecloud inside it.
 
 After every test no job of it may be left in the queue (the slurm fixture), nor a
