@@ -780,7 +780,7 @@ class _Engine(_Placement):
         try:
             _remove_container(self.api, container.id)
         except (docker.errors.DockerException, OSError) as exc:
-            _logger.warning("could not remove container %s from %s: %s", container.short_id, self.name, exc)
+            _logger.warning("could not remove %s from %s: %s", container.name, self.name, exc)
 
     def release(self, container: _Container) -> None:
         """The container is gone and its reader done: let go of what was kept for it."""
@@ -1000,7 +1000,7 @@ class _Command(_Placement):
         try:
             self._process(container).wait(_EXIT_GRACE)
         except subprocess.TimeoutExpired:  # stuck in the kernel (a hung file system, say)
-            _logger.warning("process %s of %s did not end after SIGKILL", container.short_id, self.name)
+            _logger.warning("%s of %s did not end after SIGKILL", container.name, self.name)
 
     def release(self, container: _Container) -> None:
         assert isinstance(container.channel, _PipeChannel)
@@ -1094,11 +1094,18 @@ def _open_command(
 # whose srun is killed while it waits stays queued (the pool cancels it at close). Every
 # job is named minipool-LABEL and its comment holds the labels a container would
 # carry, so that squeue finds what a dead caller left (python -m minipool ps --slurm).
+#
+# A caller that runs inside an allocation (SLURM_JOB_ID set: sbatch, salloc) submits
+# no job: each block's srun is a job step of that allocation, on one of its nodes,
+# sharing them with the other blocks' steps (--exact). A step has no comment: the
+# pool knows its steps by their ids, and cancels each when its block is removed.
 
 # Run by srun on the node in front of the runtime's command: it tells the caller,
-# on srun's stderr, that the job runs (srun says so only for a job that was queued).
-_SRUN_WRAPPER = 'echo "minipool: Slurm job $SLURM_JOB_ID runs on $SLURMD_NODENAME" >&2 && exec "$@"'
-_JOB_RUNS = re.compile(rb"minipool: Slurm job \d+ runs on")
+# on srun's stderr, that the job runs (srun says so only for a job that was queued),
+# and where, so that the block is named by its job, step and node. The line is the
+# wrapper's, never a task's output: _SrunChannel keeps it out of the block's stderr.
+_SRUN_WRAPPER = 'echo "minipool: Slurm job $SLURM_JOB_ID step $SLURM_STEP_ID runs on $SLURMD_NODENAME" >&2 && exec "$@"'
+_JOB_RUNS = re.compile(rb"minipool: Slurm job (\d+) step (\d+) runs on (\S+)")
 _JOB_QUEUED = re.compile(rb"srun: job (\d+) queued and waiting for resources")
 # How often a block whose job is queued looks whether its pool closes meanwhile.
 _QUEUE_LOOK = 0.1
@@ -1106,16 +1113,26 @@ _QUEUE_LOOK = 0.1
 _SLURM_COMMAND_TIMEOUT = 30.0
 
 
-def _srun_argv(slurm: Slurm, label: str, pool_id: str, workers: int) -> list[str]:
-    """srun's command line up to the runtime's: one task of `workers` cores, named and
-    commented so that squeue finds it, stdin and stdout unbuffered."""
+def _srun_argv(slurm: Slurm, label: str, pool_id: str, workers: int, allocation: str | None) -> list[str]:
+    """srun's command line up to the runtime's: one task of `workers` cores on one node,
+    named and commented so that squeue finds it, stdin and stdout unbuffered. Inside an
+    allocation (its job id), a step that takes only its own cores (--exact; by default a
+    step takes every CPU of its nodes, and the other blocks' steps wait) and no comment,
+    which only a job has."""
     comment = f"minipool.host={socket.gethostname()},minipool.pid={os.getpid()},minipool.executor={pool_id}"
+    ours = ["--exact"] if allocation is not None else [f"--comment={comment}"]
     chosen = [("--partition", slurm.partition), ("--time", slurm.time), ("--account", slurm.account)]
     return [
-        "srun", "--unbuffered", "--ntasks=1", f"--cpus-per-task={workers}", f"--job-name=minipool-{label}",
-        f"--comment={comment}", *[f"{flag}={value}" for flag, value in chosen if value is not None],
+        # --nodes=1: else a step of a two-node allocation asks for both ("can't run 1 processes on 2 nodes").
+        "srun", "--unbuffered", "--nodes=1", "--ntasks=1", f"--cpus-per-task={workers}",
+        f"--job-name=minipool-{label}", *ours, *[f"{flag}={value}" for flag, value in chosen if value is not None],
         *slurm.options, "sh", "-c", _SRUN_WRAPPER, "minipool-block",
     ]
+
+
+def _allocation() -> str | None:
+    """The job id of the allocation the caller runs in (sbatch, salloc), or None."""
+    return os.environ.get("SLURM_JOB_ID") or None
 
 
 class _Srun(_Command):
@@ -1123,9 +1140,12 @@ class _Srun(_Command):
     (a child of the caller, as for any command runtime), asks for the job, waits
     while it is queued and forwards the block's stdin, stdout and stderr."""
 
-    def __init__(self, name: str, argv: list[str], environment: Mapping[str, str], pool_id: str) -> None:
+    def __init__(
+        self, name: str, argv: list[str], environment: Mapping[str, str], pool_id: str, allocation: str | None
+    ) -> None:
         super().__init__(name, argv, environment)
         self.pool_id = pool_id
+        self.allocation = allocation  # the caller's, whose steps the blocks are; None: a job each
 
     def _open_channel(self, process: subprocess.Popen, name: str, tmpdir: str) -> _PipeChannel:
         return _SrunChannel(process, name, tmpdir)
@@ -1139,7 +1159,17 @@ class _Srun(_Command):
                 raise self._refused(container)
             if closing(0):
                 return False
+        container.rename(f"Slurm job {channel.job}, step {channel.step}, node {channel.node}")
         return True
+
+    def remove(self, container: _Container) -> None:
+        """Kill srun, and cancel the block's step if it is one of the caller's
+        allocation: the step of a killed srun runs on for seconds (its job is the
+        allocation, which lives on)."""
+        super().remove(container)
+        channel = self._srun_channel(container)
+        if self.allocation is not None and channel.runs.is_set():
+            _scancel_step(f"{channel.job}.{channel.step}")
 
     def _refused(self, container: _Container) -> StartupError:
         """srun ended before its job ran (an option or partition Slurm refuses, a cancelled job): what it said."""
@@ -1154,7 +1184,8 @@ class _Srun(_Command):
     def close(self) -> None:
         """Cancel the pool's jobs still queued: srun, killed when its block is removed,
         ends a running job but not a queued one (as an engine's leftover containers
-        are removed at close)."""
+        are removed at close). Inside an allocation there are none: a step that waits
+        for its cores is only srun's, which is gone."""
         _scancel([job.id for job in _slurm_jobs() if job.labels.get("minipool.executor") == self.pool_id])
 
     @staticmethod
@@ -1200,12 +1231,14 @@ def _squeue() -> str:
 
 
 def _parse_jobs(listed: str) -> list[_Job]:
-    """The jobs of squeue's lines (_squeue) that minipool submitted: those whose comment has our labels."""
+    """The jobs of squeue's lines (_squeue) that minipool submitted: those whose comment
+    has our labels, but the allocation the caller runs in (say, the job of another
+    pool's block, one of whose tasks this is), which neither a sweep nor cleanup may cancel."""
     jobs = []
     for line in listed.splitlines():
         job_id, state, submitted, comment, name = line.split(" ", 4)
         labels = dict(pair.split("=", 1) for pair in comment.split(",") if "=" in pair)
-        if "minipool.executor" in labels:
+        if "minipool.executor" in labels and job_id != _allocation():
             started = time.mktime(time.strptime(submitted, "%Y-%m-%dT%H:%M:%S"))
             jobs.append(_Job(job_id, state, started, name, labels))
     return jobs
@@ -1219,11 +1252,23 @@ def _scancel(job_ids: list[str]) -> None:
             _logger.warning("could not cancel Slurm job(s) %s: %s", ", ".join(job_ids), exc)
 
 
+def _scancel_step(step: str) -> None:
+    """Cancel a job step (JOB.STEP), quietly if it has ended: scancel's --quiet still
+    fails on a step that is gone."""
+    try:
+        _slurm("scancel", step)
+    except StartupError as exc:
+        if "Invalid job id specified" not in str(exc):
+            _logger.warning("could not cancel Slurm step %s: %s", step, exc)
+
+
 def _open_slurm(slurm: Slurm, command: _Command, label: str, pool_id: str, workers: int) -> _Srun:
     """The launcher of the runtime's command as Slurm jobs, checked to have srun and
     the partition; the jobs dead callers on this host left queued are cancelled."""
-    argv = _srun_argv(slurm, label, pool_id, workers) + command.argv
-    launcher = _Srun(f"{command.name} on Slurm", argv, command.environment, pool_id)
+    allocation = _allocation()
+    argv = _srun_argv(slurm, label, pool_id, workers, allocation) + command.argv
+    where = "Slurm" if allocation is None else f"Slurm job {allocation}'s steps"
+    launcher = _Srun(f"{command.name} on {where}", argv, command.environment, pool_id, allocation)
     if shutil.which("srun") is None:
         raise StartupError(f"cannot run {launcher.description}: no srun on PATH. Is Slurm's client installed?")
     partitions = _slurm("sinfo", "--noheader", "--format=%R").split()
@@ -1646,30 +1691,49 @@ class _PipeChannel:
 
 class _SrunChannel(_PipeChannel):
     """The pipes to a block's srun, whose stderr also tells how the block's Slurm job
-    goes until it runs: srun says that it is queued, _SRUN_WRAPPER that it runs."""
+    goes until it runs: srun says that it is queued, _SRUN_WRAPPER that it runs, and
+    its job, step and node (set before `runs`)."""
 
     def __init__(self, process: subprocess.Popen, name: str, tmpdir: str) -> None:
         super().__init__(process, name, tmpdir)
         self.runs = threading.Event()
-        self._partial = b""
+        self.job = self.step = self.node = ""
+        self._partial = bytearray()
 
     def listen(self, on_stderr: Callable[[bytearray], None]) -> None:
         def watch(data: bytearray) -> None:
-            if not self.runs.is_set():
-                self._follow_job(data)
-            on_stderr(data)
+            if self.runs.is_set():
+                on_stderr(data)
+            else:
+                self._follow_job(data, on_stderr)
 
         super().listen(watch)
 
-    def _follow_job(self, data: bytearray) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            queued = _JOB_QUEUED.search(line)
-            if queued:
-                _logger.info("%s: Slurm job %s is queued; startup_timeout counts from when it runs",
-                             self.name, queued.group(1).decode())
-            elif _JOB_RUNS.search(line):
-                self.runs.set()
+    def _follow_job(self, data: bytearray, on_stderr: Callable[[bytearray], None]) -> None:
+        """srun's lines until the wrapper's, which is not passed on; after it, the block's own."""
+        rest = self._partial + data
+        while not self.runs.is_set():
+            line, newline, after = rest.partition(b"\n")
+            if not newline:
+                break
+            rest = after
+            if not self._noted(line):
+                on_stderr(line + newline)
+        self._partial = bytearray() if self.runs.is_set() else rest
+        if self.runs.is_set() and rest:
+            on_stderr(rest)
+
+    def _noted(self, line: bytearray) -> bool:
+        """Log that the job is queued; note where it runs (True: the wrapper's line)."""
+        queued = _JOB_QUEUED.search(line)
+        if queued:
+            _logger.info("%s: Slurm job %s is queued; startup_timeout counts from when it runs",
+                         self.name, queued.group(1).decode())
+        runs = _JOB_RUNS.match(line)
+        if runs:
+            self.job, self.step, self.node = (part.decode() for part in runs.groups())
+            self.runs.set()
+        return runs is not None
 
 
 _Channel = Union[_AttachChannel, _PipeChannel]
@@ -1715,6 +1779,8 @@ class _Container:
         self.launcher = launcher
         self.direct = direct  # a socket offered to the stub, until the handshake
         self.short_id = container_id[:12]
+        self.name = f"container {self.short_id}"  # for messages; a launcher may rename it (rename)
+        self.tag = self.short_id  # of its lines in minipool.worker
         self.channel = channel
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
         self.stderr = _Lines(self, "its stderr", _LOG_BUDGET)
@@ -1741,9 +1807,14 @@ class _Container:
         """(exit code, OOM-killed) of the dead container, as its launcher tells them."""
         return self.launcher.exit(self)
 
+    def rename(self, name: str) -> None:
+        """Name it in messages and its log by what its launcher knows (a Slurm job, step and node)."""
+        _logger.debug("%s is %s", self.name, name)
+        self.name = self.tag = name
+
     def log(self, level: int, message: str, *args: Any) -> None:
         """Log to minipool.worker, tagged with the container."""
-        _worker_logger.log(level, "%s: " + message, self.short_id, *args, extra={"container": self.short_id})
+        _worker_logger.log(level, "%s: " + message, self.tag, *args, extra={"container": self.tag})
 
     def last_words(self) -> str:
         """The last lines of its stderr, to explain its end."""
@@ -2013,13 +2084,13 @@ class _Reader:
         except (EOFError, OSError):
             self._container.end_log()
         except Exception as exc:
-            error = ProtocolError(f"container {self._container.short_id}: {exc}")
+            error = ProtocolError(f"{self._container.name}: {exc}")
             _logger.error("pool %s: %s", self._label, error)
         finally:
             # Whatever ended the stream, the block thread must learn it and no future may hang.
             # (After a ProtocolError the stub may run the tasks still: they fail with it.)
             started, suspects = self._pool.stream_ended(self._container, requeue=error is None)
-            _logger.debug("pool %s: stream of container %s ended", self._label, self._container.short_id)
+            _logger.debug("pool %s: stream of %s ended", self._label, self._container.name)
             if started:
                 self._orphaned(started, error or self._container_lost())
             elif suspects:
@@ -2028,7 +2099,7 @@ class _Reader:
     def _settle_results(self) -> None:
         """Settle each future as its result arrives, until the stream ends."""
         container = self._container
-        where = f"container {container.short_id} of image {self._settings.image!r}"
+        where = f"{container.name} of image {self._settings.image!r}"
         while True:
             kind, task_id, payload = container.receive(self._settings.max_message_size, streams=(_stub.RESULT,))
             if kind in (_stub.OUTPUT, _stub.DROPPED):
@@ -2093,21 +2164,21 @@ class _Reader:
         """Say why the tasks the container died with run again, uncharged."""
         container = self._container
         _logger.warning(
-            "pool %s: container %s died (%s) with %d quick tasks sent; each runs again alone, to learn which one "
+            "pool %s: %s died (%s) with %d quick tasks sent; each runs again alone, to learn which one "
             "ended it. Its last lines of output:\n%s",
-            self._label, container.short_id, _describe_exit(*container.exit()), count, container.last_words(),
+            self._label, container.name, _describe_exit(*container.exit()), count, container.last_words(),
         )
 
     def _container_lost(self) -> WorkerLost:
         container = self._container
         exit_code, oom_killed = container.exit()
-        what = f"container {container.short_id} of image {self._settings.image!r} died while running the task"
+        what = f"{container.name} of image {self._settings.image!r} died while running the task"
         return self._lost(what, exit_code, oom_killed)
 
     def _process_lost(self, payload: bytearray | mmap.mmap) -> WorkerLost:
         """A LOST message: a worker process of the container died, another took its place."""
         exit_code = pickle.loads(payload)["exit_code"]
-        what = f"a worker process in container {self._container.short_id} died while running the task"
+        what = f"a worker process in {self._container.name} died while running the task"
         return self._lost(what, exit_code, False)
 
     def _lost(self, what: str, exit_code: int | None, oom_killed: bool) -> WorkerLost:
@@ -2462,8 +2533,8 @@ class _Pool:
             container = self._start_block()
             while container is not None:
                 _logger.info(
-                    "pool %s: block %d ready in container %s on %s (%.2f s; %d of at most %d blocks)",
-                    self._label, number, container.short_id, container.launcher.name, time.monotonic() - started,
+                    "pool %s: block %d ready in %s on %s (%.2f s; %d of at most %d blocks)",
+                    self._label, number, container.name, container.launcher.name, time.monotonic() - started,
                     self._blocks, self._settings.max_blocks,
                 )
                 try:
@@ -2542,7 +2613,7 @@ class _Pool:
         except OSError as exc:
             # Mostly the container is gone. Whatever the cause, the stream may have
             # stopped mid-message: end it, and the reader settles or requeues the tasks.
-            _logger.debug("pool %s: send to %s failed: %s", self._label, container.short_id, exc)
+            _logger.debug("pool %s: send to %s failed: %s", self._label, container.name, exc)
             container.channel.hang_up()
         finally:
             if watch is not None:
@@ -2572,14 +2643,14 @@ class _Pool:
 
     def _time_out(self, container: _Container) -> None:
         """Kill the container whose task ran out of time, then fail that task."""
-        _logger.warning("pool %s: killing container %s: its task ran out of time", self._label, container.short_id)
+        _logger.warning("pool %s: killing %s: its task ran out of time", self._label, container.name)
         container.launcher.remove(container)
         for item in container.expired.values():
             item.keep_output()
             item.future.set_exception(
                 FuturesTimeoutError(
                     f"the task ran longer than task_timeout={self._settings.task_timeout} s; "
-                    f"its container {container.short_id} was killed"
+                    f"its {container.name} was killed"
                 )
             )
 
@@ -2684,7 +2755,7 @@ class _Pool:
             # decides whether the pool still has work.
             reader.join()
         container.launcher.release(container)
-        _logger.debug("pool %s: container %s stopped", self._label, container.short_id)
+        _logger.debug("pool %s: %s stopped", self._label, container.name)
 
 # Pools whose threads still run, shut down and joined at interpreter exit.
 _live_pools: set[_Pool] = set()

@@ -323,7 +323,7 @@ class ReadyCounter(logging.Handler):
         self.done = threading.Condition()
 
     def emit(self, record):
-        if "ready in container" in record.getMessage():
+        if " ready in " in record.getMessage():  # a container, process or Slurm step
             with self.done:
                 self.times.append(time.perf_counter())
                 self.done.notify_all()

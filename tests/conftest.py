@@ -602,7 +602,7 @@ def dump_stacks_on_deadlock():
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A one-node Slurm cluster of the session's own (tests/slurm_cluster.py: munged,
+    """A four-node Slurm cluster of the session's own (tests/slurm_cluster.py: munged,
     slurmctld, slurmd), SLURM_CONF pointing at it while the session runs; its daemons
     stopped by pid and its directory removed at the end. Skips without Slurm or root,
     except in CI."""

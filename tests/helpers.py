@@ -303,6 +303,20 @@ def make_dummy(_):
     return Dummy()
 
 
+def meet(directory, count, timeout=60):
+    """Where the task runs under Slurm, (job, step, node), once `count` tasks have come
+    to `directory` together: each leaves a file there, then waits for the others'. So
+    the tasks all ran at once, or one raises TimeoutError."""
+    where = (os.environ["SLURM_JOB_ID"], os.environ["SLURM_STEP_ID"], os.environ["SLURMD_NODENAME"])
+    open(os.path.join(directory, ".".join(where)), "w").close()
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(directory)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {sorted(os.listdir(directory))} of {count} tasks met in {timeout} s")
+        time.sleep(0.01)
+    return where
+
+
 def block_at_gate(path):
     """Which block ran the task (see block), once the test opens the gate `path`."""
     wait_for_file(path)

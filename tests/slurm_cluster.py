@@ -1,14 +1,16 @@
-"""A one-node Slurm cluster of our own, for the tests and the benchmark.
+"""A four-node Slurm cluster of our own on this one machine, for the tests and the benchmark.
 
     python tests/slurm_cluster.py COMMAND [ARGS...]   # runs COMMAND with SLURM_CONF set
 
-munged, slurmctld and slurmd run as children of this process, each in the
-foreground (so the pids are theirs), with their key, config, state and logs in a
-new directory under /var/tmp that stop() removes. The ports are free ones, and
-munged has a socket and key of its own: a machine's own Slurm or munged, or a
-second cluster of this kind, is left alone. Needs root (munged runs as user
+munged, slurmctld and one slurmd per node (n1..n4, `slurmd -N nK`) run as children
+of this process, each in the foreground (so the pids are theirs), with their key,
+config, state and logs in a new directory under /var/tmp that stop() removes. Each
+node is its own loopback address (127.0.0.K+1) with a port of its own, and claims
+8 CPUs (SlurmdParameters=config_overrides), so srun -N4 runs a task on each. The
+ports are free ones, and munged has a socket and key of its own: a machine's own
+Slurm or munged, or a second cluster of this kind, is left alone. Needs root (munged runs as user
 munge; slurmd starts jobs as their user) and Debian's slurmctld, slurmd,
-slurm-client and munge. Facts (docs/DESIGN.md): up in about 1 s; without
+slurm-client and munge. Facts (docs/DESIGN.md): up in about 2 s; without
 OverSubscribe=FORCE:4 only two one-core jobs run at once on 2 cores.
 """
 
@@ -33,17 +35,17 @@ CONFIG = """\
 ClusterName=minipool
 SlurmctldHost={host}
 SlurmctldPort={controller_port}
-SlurmdPort={node_port}
 SlurmUser=root
 AuthType=auth/munge
 AuthInfo=socket={root}/munge/munge.socket
 CredType=cred/munge
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+# %n: each node's own (slurmd -N nK), as several slurmd share this machine.
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -52,13 +54,17 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 # A job past its time limit (or cancelled) gets SIGKILL 2 s after SIGTERM, not 30.
 KillWait=2
-# The node claims 8 CPUs whatever it has (config_overrides: slurmd believes the config,
-# not the hardware), so that a job asking for up to 8 (workers_per_block) can run; with
-# OverSubscribe=FORCE:4 (else two one-core jobs at a time on 2 cores) 32 jobs run at once.
+# Each node claims 8 CPUs whatever the machine has (config_overrides: slurmd believes the
+# config, not the hardware), so that a job asking for up to 8 (workers_per_block) can run;
+# with OverSubscribe=FORCE:4 (else two one-core jobs at a time on 2 cores) 32 jobs run at
+# once on each node.
 SlurmdParameters=config_overrides
-NodeName={host} CPUs=8 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+{nodes}
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """
+# One line a node: the same machine, each node its own loopback address and port.
+NODE = "NodeName={name} NodeHostname={host} NodeAddr={address} Port={port} CPUs=8 State=UNKNOWN"
+NODES = [f"n{k}" for k in range(1, 5)]
 
 
 def missing():
@@ -78,7 +84,7 @@ def _free_port():
 
 
 class SlurmCluster:
-    """A one-node cluster: start(), environment() for its clients, stop()."""
+    """A four-node cluster: start(), environment() for its clients, stop()."""
 
     def __init__(self):
         self.root = None
@@ -95,7 +101,8 @@ class SlurmCluster:
             self._start_munged()
             self._write_config()
             self._run_daemon("slurmctld", "-D", "-f", self.conf)
-            self._run_daemon("slurmd", "-D", "-f", self.conf)
+            for node in NODES:
+                self._run_daemon("slurmd", "-D", "-f", self.conf, "-N", node, log=f"slurmd-{node}")
             self._wait_until_up()
         except BaseException:
             self.stop()
@@ -122,29 +129,40 @@ class SlurmCluster:
 
     def _write_config(self):
         self.conf = os.path.join(self.root, "slurm.conf")
-        for state in ("state", "spool"):
-            os.mkdir(os.path.join(self.root, state))
+        os.mkdir(os.path.join(self.root, "state"))
+        for node in NODES:
+            os.mkdir(os.path.join(self.root, f"spool-{node}"))
+        host = socket.gethostname()
+        nodes = [
+            NODE.format(name=node, host=host, address=f"127.0.0.{k + 1}", port=_free_port())
+            for k, node in enumerate(NODES, start=1)
+        ]
         with open(self.conf, "w") as file:
             file.write(CONFIG.format(
-                host=socket.gethostname(), root=self.root,
-                controller_port=_free_port(), node_port=_free_port(),
+                host=host, root=self.root, controller_port=_free_port(), nodes="\n".join(nodes),
+                names=",".join(NODES),
             ))
 
-    def _run_daemon(self, program, *argv, **options):
+    def _run_daemon(self, program, *argv, log=None, **options):
         """`program` in the foreground, in a session of its own (a Ctrl-C in the terminal is not its)."""
-        with open(os.path.join(self.root, f"{program}.out"), "ab") as out:
+        with open(os.path.join(self.root, f"{log or program}.out"), "ab") as out:
             self.processes.append(subprocess.Popen(
                 [program, *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, **options,
             ))
 
     def _wait_until_up(self):
-        """Until srun runs a job (the node is idle and registered); its logs if it never does."""
-        def runs_a_job():
-            return self.run("srun", "--ntasks=1", "true").returncode == 0
+        """Until srun runs a job on every node (all idle and registered); its logs if it never does."""
+        def all_idle():
+            states = self.run("sinfo", "--noheader", "--Node", "--format=%N %t").stdout.split("\n")
+            return sorted(line for line in states if line.endswith(" idle")) == [f"{node} idle" for node in NODES]
 
-        self._wait_for(lambda: "idle" in self.run("sinfo", "--noheader", "--format=%t").stdout, "the node to be idle")
-        self._wait_for(runs_a_job, "srun to run a job")
+        def runs_a_job_on_each():
+            done = self.run("srun", f"--nodes={len(NODES)}", f"--ntasks={len(NODES)}", "printenv", "SLURMD_NODENAME")
+            return done.returncode == 0 and sorted(done.stdout.split()) == NODES
+
+        self._wait_for(all_idle, "every node to be idle")
+        self._wait_for(runs_a_job_on_each, "srun to run a job on every node")
 
     def _wait_for(self, predicate, what):
         deadline = time.monotonic() + UP_DEADLINE

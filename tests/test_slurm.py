@@ -1,4 +1,4 @@
-"""Blocks as Slurm jobs (issue 11): provider=minipool.Slurm(...), on a real one-node
+"""Blocks as Slurm jobs (issue 11): provider=minipool.Slurm(...), on a real four-node
 cluster of the session's own (conftest's slurm_cluster) with Charliecloud inside it.
 
 After every test no job of it may be left in the queue (the slurm fixture), nor a
@@ -6,8 +6,10 @@ srun process of ours, nor a block directory (SlurmRuntime.close).
 """
 
 import contextlib
+import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import helpers
 import minipool
 from conftest import DEADLOCK
 from conftest import ROOT
+from conftest import TESTS
 from conftest import holds
 from conftest import read_lines
 from conftest import start_script
@@ -35,13 +38,21 @@ from minipool import WorkerLost
 
 def test_srun_runs_the_runtimes_command_as_one_task_named_and_commented():
     slurm = Slurm(partition="debug", time="01:00:00", account="proj", options=["--mem=4G"])
-    argv = minipool._srun_argv(slurm, "app1", "abc123", 4)
+    argv = minipool._srun_argv(slurm, "app1", "abc123", 4, None)
     assert argv == [
-        "srun", "--unbuffered", "--ntasks=1", "--cpus-per-task=4", "--job-name=minipool-app1",
+        "srun", "--unbuffered", "--nodes=1", "--ntasks=1", "--cpus-per-task=4", "--job-name=minipool-app1",
         f"--comment=minipool.host={os.uname().nodename},minipool.pid={os.getpid()},minipool.executor=abc123",
         "--partition=debug", "--time=01:00:00", "--account=proj", "--mem=4G",
         "sh", "-c", minipool._SRUN_WRAPPER, "minipool-block",
     ]
+
+
+def test_inside_an_allocation_a_block_is_a_step_that_takes_only_its_own_cores():
+    argv = minipool._srun_argv(Slurm(), "app1", "abc123", 2, "44")
+    assert argv[:7] == [
+        "srun", "--unbuffered", "--nodes=1", "--ntasks=1", "--cpus-per-task=2", "--job-name=minipool-app1", "--exact",
+    ]
+    assert not [word for word in argv if word.startswith("--comment")]  # a step has none
 
 
 @pytest.mark.parametrize("option", ["--output=x.log", "-e", "--job-name=mine", "--comment=x", "-u", "--pty"])
@@ -135,9 +146,90 @@ def test_a_job_cancelled_mid_task_is_a_lost_worker_then_a_new_job(on_slurm, tmp_
     if retries:
         assert running.result(DEADLOCK) == on_slurm.blocks()[0] != cancelled
     else:
-        with pytest.raises(WorkerLost, match=f"(?s)STEP {cancelled}.0 ON .* CANCELLED"):
+        named = rf"Slurm job {cancelled}, step 0, node n\d of image .* died while running the task"
+        with pytest.raises(WorkerLost, match=f"(?s){named}.*STEP {cancelled}.0 ON .* CANCELLED"):
             running.result(DEADLOCK)
     assert pool.submit(helpers.block).result(DEADLOCK) != cancelled
+
+
+def test_a_block_is_named_by_its_job_step_and_node_and_the_wrappers_line_is_no_output(on_slurm, caplog):
+    caplog.set_level(logging.INFO, logger="minipool")
+    pool = on_slurm.pool()
+    future = pool.submit(helpers.say, "hello", 1)
+    assert future.result(DEADLOCK) == "hello"
+    (job_id,) = on_slurm.blocks()
+    assert re.search(rf"block \d+ ready in Slurm job {job_id}, step 0, node n\d on ", caplog.text)
+    assert minipool.output(future) == "hello\n"
+    worker_lines = [record.getMessage() for record in caplog.records if record.name == "minipool.worker"]
+    assert worker_lines and not [line for line in worker_lines if "minipool: Slurm job" in line]
+    assert all(re.match(rf"Slurm job {job_id}, step 0, node n\d: ", line) for line in worker_lines)
+
+
+IN_AN_ALLOCATION = """
+import json, logging, os, subprocess, sys, time
+import helpers
+from minipool import ContainerPoolExecutor, Slurm
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+subprocess.run([sys.executable, "-m", "minipool", "--slurm", "cleanup"], check=True)  # not of the allocation
+with ContainerPoolExecutor({image!r}, blocks=4, runtime="charliecloud", provider=Slurm(), label={label!r},
+                           ship=[helpers.__file__], volumes=[{shared!r} + ":/shared"]) as pool:
+    print(json.dumps(list(pool.map(helpers.meet, ["/shared/met"] * 4, [4] * 4))), flush=True)
+
+def our_steps():
+    listed = subprocess.run(["squeue", "--steps", "--noheader", "--format=%i %j", "--jobs", os.environ["SLURM_JOB_ID"]],
+                            capture_output=True, text=True, check=True).stdout
+    return [line for line in listed.splitlines() if "minipool-" in line]
+
+def steps_end(step=""):
+    deadline = time.monotonic() + 15
+    while [line for line in our_steps() if line.startswith(step)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [line for line in our_steps() if line.startswith(step)]
+
+# A task past task_timeout: its block is replaced, and its step must end with it, not
+# with the task (the step of a killed srun runs on while a process of it lives).
+with ContainerPoolExecutor({image!r}, runtime="charliecloud", provider=Slurm(), label={label!r}, task_timeout=1,
+                           ship=[helpers.__file__]) as pool:
+    step = os.environ["SLURM_JOB_ID"] + "." + pool.submit(helpers.environ, "SLURM_STEP_ID").result(60) + " "
+    late = pool.submit(time.sleep, 300)
+    try:
+        late.result(60)
+    except TimeoutError:
+        pass
+    late_steps = steps_end(step)
+print(json.dumps({{"allocation": os.environ["SLURM_JOB_ID"], "steps_left": steps_end(), "late": late_steps}}),
+      flush=True)
+"""
+
+
+def test_inside_an_allocation_blocks_are_its_steps_and_all_run_at_once(on_slurm, tmp_path):
+    """salloc -N2 of two whole nodes (8 CPUs each): blocks=4 runs four steps at once
+    (each task waits for the other three), submits no job, and leaves no step."""
+    (tmp_path / "met").mkdir()
+    code = IN_AN_ALLOCATION.format(image=on_slurm.image(), label=on_slurm.label, shared=str(tmp_path))
+    # The allocation carries the labels of a dead caller's block, as the job of a block
+    # whose task starts a pool of its own does once that caller is gone: neither cleanup
+    # nor the new pool's sweep of dead callers' jobs may cancel the allocation it runs in.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    comment = f"minipool.host={os.uname().nodename},minipool.pid={gone.pid},minipool.executor=deadbeef"
+    done = subprocess.run(
+        ["salloc", "--nodes=2", "--exclusive", f"--comment={comment}", sys.executable, "-c", code],
+        capture_output=True, text=True,
+        timeout=DEADLOCK * 2, env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, TESTS])},
+    )
+    assert done.returncode == 0, done.stderr
+    met, end = [json.loads(line) for line in done.stdout.splitlines()]
+    allocation = end["allocation"]
+    assert {job for job, _, _ in met} == {allocation}  # no job of its own: steps of the allocation
+    assert len({step for _, step, _ in met}) == 4
+    assert {node for _, _, node in met} <= {"n1", "n2", "n3", "n4"}
+    assert end["steps_left"] == end["late"] == [], end
+    for blocked in ("step creation temporarily disabled", "can't run 1 processes"):
+        assert blocked not in done.stderr
+    for _, step, node in met:
+        assert f"ready in Slurm job {allocation}, step {step}, node {node} on " in done.stderr
+    assert "minipool: Slurm job" not in done.stderr
 
 
 @pytest.mark.parametrize("stop", ["kill_workers", "terminate_workers"])
