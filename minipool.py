@@ -354,8 +354,9 @@ class _CtrlCWaits:
         self.handler: Callable[[int, Any], Any] | None = None
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._note)
-            self.handler = handler
+            with contextlib.suppress(ValueError):  # a subinterpreter's main thread runs no handler
+                signal.signal(signal.SIGINT, self._note)
+                self.handler = handler
         return self
 
     def _note(self, signum: int, frame: types.FrameType | None) -> None:
@@ -1012,16 +1013,18 @@ class _Command(_Placement):
 
     def exit(self, container: _Container) -> tuple[int | None, bool]:
         process = self._process(container)
+        unreaped = process.returncode is None
         try:
             code = process.wait(_EXIT_EVENT_WAIT)
         except subprocess.TimeoutExpired:
             return None, False
-        # A stub that died by itself leaves what its tasks started in its session, and
-        # reaped, it is no longer signalled by remove() (issue 20): end them now. Its
-        # number still names their group (a group keeps it while a member lives), and no
-        # other can have taken it since the reap: Linux hands pids out in turn.
-        with contextlib.suppress(OSError):
-            os.killpg(process.pid, signal.SIGKILL)
+        if unreaped:
+            # A stub that died by itself leaves what its tasks started in its session, and
+            # reaped, it is no longer signalled by remove() (issue 20): end them now. Its
+            # number still names their group (a group keeps it while a member lives), and
+            # none can have taken it in the moments since the reap: Linux hands pids out in turn.
+            with contextlib.suppress(OSError):
+                os.killpg(process.pid, signal.SIGKILL)
         assert isinstance(container.channel, _PipeChannel)
         container.channel.drain_stderr(_EXIT_EVENT_WAIT)
         return (128 - code if code < 0 else code), False  # as an engine reports a signal
@@ -1165,10 +1168,11 @@ class _Srun(_Command):
     def remove(self, container: _Container) -> None:
         """Kill srun, and cancel the block's step if it is one of the caller's
         allocation: the step of a killed srun runs on for seconds (its job is the
-        allocation, which lives on)."""
-        super().remove(container)
+        allocation, which lives on). A step whose srun ended by itself has ended."""
         channel = self._srun_channel(container)
-        if self.allocation is not None and channel.runs.is_set():
+        killed = channel.process.returncode is None
+        super().remove(container)
+        if self.allocation is not None and channel.runs.is_set() and killed:
             _scancel_step(f"{channel.job}.{channel.step}")
 
     def _refused(self, container: _Container) -> StartupError:
@@ -1258,7 +1262,7 @@ def _scancel_step(step: str) -> None:
     try:
         _slurm("scancel", step)
     except StartupError as exc:
-        if "Invalid job id specified" not in str(exc):
+        if not any(gone in str(exc) for gone in ("Invalid job id specified", "already completing or completed")):
             _logger.warning("could not cancel Slurm step %s: %s", step, exc)
 
 
@@ -1797,6 +1801,7 @@ class _Container:
         self.in_flight: dict[int, _WorkItem] = {}
         self.backlog = 0.0  # seconds the tasks in flight should take, all told
         self.suspect_running = False  # a suspect task is in flight: none joins it
+        self.sending = False  # its block thread is sending it tasks (set under the lock)
         self.sent = 0  # tasks sent, for max_tasks_per_block
         self.expired: dict[int, _WorkItem] = {}  # tasks that ran past task_timeout
         self.lost = False
@@ -1828,6 +1833,14 @@ class _Container:
     def send(self, kind: int, task_id: int, payload: bytes) -> None:
         with self._send_lock:
             _stub.write_message(self.writev, kind, task_id, [payload])
+
+    def _send_all(self, messages: list[tuple[int, bytes]], failed: list[OSError]) -> None:
+        """Send the messages; a failure goes to `failed` (an ended stream: the receiver tells why)."""
+        try:
+            for kind, payload in messages:
+                self.send(kind, 0, payload)
+        except OSError as exc:
+            failed.append(exc)
 
     def keep_alive(self) -> None:
         """Send a KEEPALIVE, unless a send is under way (which says as much)."""
@@ -1867,12 +1880,28 @@ class _Container:
         return bool(self.expired)
 
     def handshake(self, archive: bytes, hello: dict, deadline: float) -> dict:
-        """Send the stub (BOOT) and HELLO, return the stub's READY; it says nothing before."""
+        """Send the stub (BOOT) and HELLO, return the stub's READY; it says nothing before.
+
+        The stub goes from a thread of its own while this one listens: a command that
+        is no stub (a wrong entrypoint) may never read it, and what it says or its end
+        must fail the start at once, not once a send blocked until the deadline."""
         self.channel.set_deadline(deadline)
-        self.send(_stub.BOOT, 0, archive)
         offer = self.direct.offer if self.direct is not None else {}
-        self.send(_stub.HELLO, 0, pickle.dumps({**hello, **offer}, _stub.PLAIN_PROTOCOL))
-        kind, _, payload = self.receive(1 << 20)
+        boot = [(_stub.BOOT, archive), (_stub.HELLO, pickle.dumps({**hello, **offer}, _stub.PLAIN_PROTOCOL))]
+        failed: list[OSError] = []
+        sender = threading.Thread(
+            target=self._send_all, args=(boot, failed), name=f"{self.channel.name}-boot", daemon=True
+        )
+        sender.start()
+        try:
+            kind, _, payload = self.receive(1 << 20)
+        except BaseException:
+            self.channel.hang_up()  # the sender may wait in a send the command never reads
+            raise
+        finally:
+            sender.join()
+        if failed:
+            raise failed[0]
         if kind != _stub.READY:
             raise ValueError(f"expected READY, got message kind {kind}")
         ready = pickle.loads(payload)
@@ -2201,8 +2230,12 @@ class _Pool:
         self._starter = _Starter(launchers, settings)
         self._settings = settings
         self._label = settings.label
-        # _changed guards everything below and wakes every thread waiting on it.
-        self._changed = threading.Condition()
+        # _lock guards everything below; _changed wakes every thread waiting on it. The
+        # lock is taken with a C lock's own `with`, which no signal can part from its
+        # release: a Condition's __enter__ is Python code, and a KeyboardInterrupt that
+        # lands as it returns leaves the lock held for good (a Ctrl-C in submit()).
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
         self._pending: collections.deque[_WorkItem] = collections.deque()
         # Futures of app calls that wait for their inputs: the pool stays open for them.
         self._promised: set[Future] = set()
@@ -2223,7 +2256,7 @@ class _Pool:
         # Reader threads run the futures' callbacks: see join().
         self._readers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         _live_pools.add(self)
-        with self._changed:
+        with self._lock:
             for _ in range(blocks):
                 self._add_block()
         threading.Thread(target=self._keep_alive, name=f"minipool-{self._label}-keepalive", daemon=True).start()
@@ -2233,7 +2266,7 @@ class _Pool:
     def answered(self, container: _Container, task_id: int, kind: int) -> tuple[_WorkItem | None, bool]:
         """A task's answer came: take it out of flight, learn its function's pace.
         Returns its work item, and whether it had run out of time."""
-        with self._changed:
+        with self._lock:
             item = container.in_flight.pop(task_id, None)
             timed_out = task_id in container.expired
             if item is not None:
@@ -2253,11 +2286,11 @@ class _Pool:
         return self._settings.idle_timeout is not None or self._worn_out(container) or self._closing()
 
     def running(self, container: _Container, task_id: int) -> _WorkItem | None:
-        with self._changed:
+        with self._lock:
             return container.in_flight.get(task_id)
 
     def broken_by(self) -> BaseException | None:
-        with self._changed:
+        with self._lock:
             return self._broken
 
     def stream_ended(self, container: _Container, requeue: bool) -> tuple[list[_WorkItem], int]:
@@ -2272,7 +2305,7 @@ class _Pool:
         when it had more than one task, any of them may have ended it. Then none is
         charged: all go back, and those sent run alone from now on (suspects)."""
         suspects = 0
-        with self._changed:
+        with self._lock:
             container.lost = True
             in_flight = sorted(container.in_flight, key=lambda task_id: container.sent_order.get(task_id, math.inf))
             items = [container.in_flight[task_id] for task_id in in_flight]
@@ -2293,7 +2326,7 @@ class _Pool:
 
     def retry(self, item: _WorkItem, lost: WorkerLost) -> bool:
         """Queue a lost task to run first on the next free block, if it has retries left."""
-        with self._changed:
+        with self._lock:
             if len(item.attempts) >= self._settings.retries or self._broken is not None:
                 return False
             item.attempts.append(lost)
@@ -2316,7 +2349,7 @@ class _Pool:
         signal splits (and withdraw() takes it back); sending it at once and adding
         a block take several steps, and hold a Ctrl-C back until they are done."""
         if self._pending or item.size > _DIRECT_SEND or not self._send_at_once(item, promised):
-            with self._changed:
+            with self._lock:
                 self.check_open(promised)
                 self._pending.append(item)
                 self._scale_up()
@@ -2325,15 +2358,19 @@ class _Pool:
     def _send_at_once(self, item: _WorkItem, promised: Future | None) -> bool:
         """Send the task to an idle container from the caller's thread; False if none is idle."""
         with _CtrlCWaits():
-            with self._changed:
+            with self._lock:
                 self.check_open(promised)
-                idle = (c for c in self._containers if self._has_free_worker(c) and self._has_room(c, item))
+                # Not one its block thread is sending to: a large send would hold us (and a
+                # Ctrl-C) until it is done.
+                idle = (
+                    c for c in self._containers
+                    if not c.sending and self._has_free_worker(c) and self._has_room(c, item)
+                )
                 container = next(idle, None)
                 if self._pending or container is None:
                     return False
                 task_id = self._assign(container, item)
-                if task_id is None:
-                    return True  # cancelled meanwhile: nothing to send
+                assert task_id is not None  # the caller has not seen its future: none could cancel it
                 if item.deadline is not None:
                     self._changed.notify_all()  # for its block thread to watch
             self._send(container, [(task_id, item)])
@@ -2342,7 +2379,7 @@ class _Pool:
     def withdraw(self, item: _WorkItem) -> None:
         """submit() raised, maybe after taking the task (a Ctrl-C): cancel it if it
         waits still, as the caller never got its future. A task a container has runs on."""
-        with self._changed:
+        with self._lock:
             queued = item in self._pending
             if queued:
                 self._pending.remove(item)
@@ -2351,7 +2388,7 @@ class _Pool:
 
     def check_open(self, promised: Future | None = None) -> None:
         """Raise what submit must raise when the pool takes no more work."""
-        with self._changed:
+        with self._lock:
             if self._broken is not None:
                 # A pool that never started says so again (StartupError) to each submit.
                 kind = type(self._broken) if isinstance(self._broken, BrokenContainerPool) else BrokenContainerPool
@@ -2362,13 +2399,13 @@ class _Pool:
     def promise(self, future: Future) -> None:
         """Keep the pool open, after shutdown too, until the app call whose future
         this is has submitted its task (kept()) or is done."""
-        with self._changed:
+        with self._lock:
             self.check_open()
             self._promised.add(future)
         future.add_done_callback(self.kept)
 
     def kept(self, future: Future) -> None:
-        with self._changed:
+        with self._lock:
             self._promised.discard(future)
             self._changed.notify_all()
         self._finish_if_done()
@@ -2376,7 +2413,7 @@ class _Pool:
     def shutdown(self, cancel_futures: bool = False) -> None:
         """Take no more work; with cancel_futures, cancel what waits and has never run
         (a task back in the queue after its container died is running: it stays)."""
-        with self._changed:
+        with self._lock:
             self._shutdown = True
             cancelled = [item for item in self._pending if not item.running] if cancel_futures else []
             promised = list(self._promised) if cancel_futures else []
@@ -2393,7 +2430,7 @@ class _Pool:
         """terminate_workers() and kill_workers(): cancel queued work, signal every
         container now; the tasks they ran fail with BrokenContainerPool."""
         error = BrokenContainerPool(f"the pool's containers were stopped with {how.name} by {caller}")
-        with self._changed:
+        with self._lock:
             self._broken = self._broken or error
             self._shutdown = True
             containers = list(self._containers)
@@ -2418,7 +2455,7 @@ class _Pool:
         me = threading.current_thread()
         if me in self._threads or me in self._readers:
             return
-        with self._changed:
+        with self._lock:
             self._changed.wait_for(lambda: self._finished)
         for thread in list(self._threads):
             thread.join()
@@ -2426,7 +2463,8 @@ class _Pool:
     def forget_in_child(self) -> None:
         """In a forked child: the parent's threads are not here, so take no work.
         The lock may have been held by one of them at the fork: replace it."""
-        self._changed = threading.Condition()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
         self._broken = BrokenContainerPool("this pool belongs to the process this one was forked from")
         self._finished = True  # nothing here to wait for
 
@@ -2437,7 +2475,7 @@ class _Pool:
 
     def _break(self, error: BaseException) -> None:
         """The pool cannot go on: fail what waits, let running tasks finish."""
-        with self._changed:
+        with self._lock:
             if self._broken is None:
                 self._broken = error
             waiting = list(self._pending)
@@ -2450,7 +2488,7 @@ class _Pool:
     def _finish_if_done(self) -> None:
         """Once the pool closes and its last block has stopped: remove what is left,
         close the engines, wake join()."""
-        with self._changed:
+        with self._lock:
             if self._finished or self._alive or not self._closing():
                 return
             self._finished = True  # claimed: this thread finishes the pool
@@ -2459,14 +2497,14 @@ class _Pool:
             launcher.close()
         _live_pools.discard(self)
         _logger.debug("pool %s: every block has stopped", self._label)
-        with self._changed:
+        with self._lock:
             self._changed.notify_all()
 
     def _keep_alive(self) -> None:
         """Until the pool is finished, tell its containers now and then that the host
         is there (worker_stub.Channel)."""
         while not self._finished_event.wait(_HOST_SILENCE / 6):
-            with self._changed:
+            with self._lock:
                 containers = list(self._containers)
             for container in containers:
                 container.keep_alive()
@@ -2524,7 +2562,7 @@ class _Pool:
         retires; replace it when lost, timed out or worn out (max_tasks_per_block)."""
         container: _Container | None = None
         try:
-            with self._changed:
+            with self._lock:
                 # The first block starts alone, so that the first result does not wait
                 # for every container of the pool to be ready on a busy engine.
                 if head_start:
@@ -2554,7 +2592,7 @@ class _Pool:
             error.__cause__ = exc
             self._break(error)
         finally:
-            with self._changed:
+            with self._lock:
                 self._alive -= 1
                 if container is None or not container.retired:
                     self._blocks -= 1
@@ -2565,7 +2603,7 @@ class _Pool:
     def _start_refused(self, number: int, exc: StartupError) -> None:
         """The block could not start a container: only a pool that no other block
         serves is broken; else it goes on with those, and adds none for a while."""
-        with self._changed:
+        with self._lock:
             serving = len(self._containers)
             if serving:
                 self._scale_up_after = time.monotonic() + _SCALE_UP_PAUSE
@@ -2588,7 +2626,7 @@ class _Pool:
             name=f"minipool-{self._label}-reader-{container.short_id}", daemon=True,
         )
         self._readers.add(container.reader)
-        with self._changed:
+        with self._lock:
             self._containers.add(container)
             self._changed.notify_all()
         container.reader.start()
@@ -2596,13 +2634,16 @@ class _Pool:
 
     def _wait_closing(self, seconds: float) -> bool:
         """Wait up to `seconds` for the pool to close; whether it does."""
-        with self._changed:
+        with self._lock:
             return self._changed.wait_for(self._closing, seconds)
 
     def _feed(self, container: _Container) -> None:
         """Send tasks to the container until it is lost, timed out, worn out or the pool closes."""
         while tasks := self._next_tasks(container):
-            self._send(container, tasks)
+            try:
+                self._send(container, tasks)
+            finally:
+                container.sending = False
         if container.expired:
             self._time_out(container)
 
@@ -2636,8 +2677,9 @@ class _Pool:
     def _expire_now(self, container: _Container) -> None:
         """Take the container's overdue tasks out of flight and hang up: its block thread
         then times them out (_feed)."""
-        with self._changed:
-            expired = container.expire(time.monotonic())
+        with self._lock:
+            # Fired as the send ended, it may find the block thread timing the tasks out already.
+            expired = container in self._containers and container.expire(time.monotonic())
         if expired:
             container.channel.hang_up()
 
@@ -2656,7 +2698,7 @@ class _Pool:
 
     def _next_tasks(self, container: _Container) -> list[tuple[int, _WorkItem]]:
         """Wait for tasks the container has room for (as many as fit); [] when it should stop."""
-        with self._changed:
+        with self._lock:
             while True:
                 tasks = []
                 while self._pending and self._has_room(container, self._pending[0]):
@@ -2664,6 +2706,7 @@ class _Pool:
                     if task_id is not None:
                         tasks.append((task_id, container.in_flight[task_id]))
                 if tasks:
+                    container.sending = True
                     return tasks
                 now = time.monotonic()
                 retire_at = self._retire_at(container)
@@ -2741,7 +2784,7 @@ class _Pool:
         """
         reader = container.reader
         assert reader is not None
-        with self._changed:
+        with self._lock:
             self._containers.discard(container)  # already, unless its block failed
         self._starter.stopped(container)
         with contextlib.suppress(OSError):
@@ -3304,16 +3347,19 @@ class ContainerPoolExecutor(Executor):
         parts = [part if isinstance(part, bytes) else bytes(part) for part in parts]
         item = _WorkItem(future, kind, call[0], parts, size)
         # Claimed, the future must settle, or identical calls wait for ever: a Ctrl-C
-        # waits until the pool has its task.
-        with _CtrlCWaits() as ctrl_c:
-            shared = results.claim(results.key(parts), future)
-            if shared is not None:
-                return _follower(shared)
-            self._take(item, promised)
-            if ctrl_c.came:
-                self._pool.withdraw(item)
-        # Each cached call has a future of its own: cancelling one cancels no other.
-        return _follower(future)
+        # waits until the pool has its task and the caller's future follows it (a
+        # Future's own lock is a Python Condition's, which a signal can leave held).
+        try:
+            with _CtrlCWaits():
+                shared = results.claim(results.key(parts), future)
+                if shared is not None:
+                    return _follower(shared)
+                self._take(item, promised)
+                # Each cached call has a future of its own: cancelling one cancels no other.
+                return _follower(future)
+        except BaseException:
+            self._pool.withdraw(item)  # the Ctrl-C raised after all: the caller has no future
+            raise
 
     def _take(self, item: _WorkItem, promised: Future | None) -> None:
         """Give the task to the pool. If that raises (a Ctrl-C, a pool shut down),
@@ -3359,12 +3405,14 @@ class ContainerPoolExecutor(Executor):
             return self._submit(_stub.CALL, (fn, args, kwargs), results=results)
         future: Future = Future()
         future.add_done_callback(_notify_cancel)
-        with _CtrlCWaits() as ctrl_c:
-            # A promise the pool holds keeps it open: it must be kept, or the future cancelled.
-            self._pool.promise(future)
-            _when_all_done(inputs, lambda: self._dispatch(future, fn, results, args, kwargs, inputs))
-            if ctrl_c.came:
-                future.cancel()
+        try:
+            with _CtrlCWaits():
+                # A promise the pool holds keeps it open: it must be kept, or the future cancelled.
+                self._pool.promise(future)
+                _when_all_done(inputs, lambda: self._dispatch(future, fn, results, args, kwargs, inputs))
+        except BaseException:
+            future.cancel()  # the Ctrl-C raised: the caller has no future
+            raise
         return future
 
     def _dispatch(

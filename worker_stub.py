@@ -799,7 +799,7 @@ class Workers:
     one at a time (a lock), so they go back in the order they finish. A worker that
     dies is replaced, and the host is told which task it lost (LOST)."""
 
-    IDLE, WRITING = 0, 1
+    IDLE, WRITING, ANSWERED = 0, 1, 2
 
     def __init__(self, count, channel_out, run):
         import tempfile  # here: it takes a third of the stub's start, and one worker needs none
@@ -836,8 +836,10 @@ class Workers:
             with lock, self.writing(slot):
                 write_message(self.writev, kind, task_id, parts)
                 if done:
-                    # Still marked as writing: a worker that dies (a thread its task left
-                    # may end it) has either said its task is done, or broken the channel.
+                    # Whole, the result answers its task: a worker that dies from here on
+                    # (a thread its task left may end it) lost nothing, whether or not it
+                    # got to say so on the done pipe (reap).
+                    self.states[slot] = self.ANSWERED
                     os.write(self.done_write, bytes([slot]))
 
         output = Output(send)
@@ -892,14 +894,14 @@ class Workers:
             slot = self.pids.pop(pid, None)
             if slot is None:
                 continue
-            if self.states[slot] == self.WRITING:
+            state, self.states[slot] = self.states[slot], self.IDLE  # its replacement's
+            if state == self.WRITING:
                 diagnose("a worker died while writing its result; the channel is broken")
                 os._exit(70)
-            # A worker that died after its result went out said so first: that task is not lost.
-            self.finished()
+            self.finished()  # the tasks whose results went out
             os.close(self.pipes.pop(slot))
             task_id = self.running.pop(slot, None)
-            if task_id is not None:
+            if task_id is not None and state != self.ANSWERED:
                 lost = pickle.dumps({"exit_code": exit_code(status), "pid": pid}, PLAIN_PROTOCOL)
                 with self.writing(slot):
                     write_message(self.writev, LOST, task_id, [lost])

@@ -316,8 +316,15 @@ def test_max_message_size_is_exact_for_a_call_and_a_result(any_runtime):
         pool.submit(helpers.nbytes, size + 1).result(DEADLOCK)
 
 
-def test_an_image_that_speaks_garbage_fails_to_start(make_pool):
-    pool = make_pool(container_options={"entrypoint": ["sh", "-c", "echo garbage garbage garbage; sleep 30"]})
+@pytest.mark.parametrize("shipped", ["the stub", "8 MB more"])
+def test_an_image_that_speaks_garbage_fails_to_start(make_pool, tmp_path, shipped):
+    """A command that is no stub reads none of what is sent: what it says must fail
+    the start at once, however much waits to be sent (the stub and what is shipped)."""
+    ballast = tmp_path / "ballast"
+    ballast.write_bytes(b"x" * (8 << 20))
+    ship = [HELPERS] + ([str(ballast)] if shipped == "8 MB more" else [])
+    entrypoint = ["sh", "-c", "echo garbage garbage garbage; sleep 30"]
+    pool = make_pool(ship=ship, container_options={"entrypoint": entrypoint})
     with pytest.raises(StartupError, match="bad frame magic"):
         pool.submit(helpers.double, 1).result(DEADLOCK)
 

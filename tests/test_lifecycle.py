@@ -288,7 +288,7 @@ def test_a_second_ctrl_c_kills_the_containers(images, engine, label, ends):
 # the next task runs; a task whose submit was cut never reached the pool, was
 # cancelled, or runs to its end; nothing is logged; and the pool shuts down at once.
 CTRL_C_IN_SUBMIT = """
-import dis, logging, signal, sys
+import dis, logging, signal, sys, threading
 import helpers, minipool
 from minipool import ContainerPoolExecutor
 
@@ -296,13 +296,20 @@ logging.basicConfig(level=logging.ERROR)  # a reader's ProtocolError, a block th
 OPTIONS = dict(ship=[helpers.__file__], label={label!r}, channel={channel!r})
 executor, pool = ContainerPoolExecutor, minipool._Pool
 
+# Each line of each function, and the return of a Condition's __enter__, its lock just
+# taken (a `with` whose __enter__ is Python code may take the lock, then raise).
 def lines(*functions):
-    return [(f, line) for f in functions for line in sorted({{n for _, n in dis.findlinestarts(f.__code__) if n}})]
+    ours = [(f, line) for f in functions for line in sorted({{n for _, n in dis.findlinestarts(f.__code__) if n}})]
+    return ours + [(threading.Condition.__enter__, "return")]
 
+# submit() with a real SIGINT raised as that line of the function starts (or for "return",
+# as it returns): 1 if it raised KeyboardInterrupt, 0 if no SIGINT was raised.
 def ctrl_c_at(function, line, submit):
     fired = []
+    def reached(frame, event):
+        return event == "return" if line == "return" else event == "line" and frame.f_lineno == line
     def trace_lines(frame, event, arg):
-        if event == "line" and frame.f_lineno == line and not fired:
+        if reached(frame, event) and not fired:
             fired.append(line)
             signal.raise_signal(signal.SIGINT)
         return trace_lines
@@ -329,27 +336,30 @@ fired, kept = 0, []
 with ContainerPoolExecutor("app1_v0.1", blocks=1, workers_per_block=2, **OPTIONS) as idle:
     # A task runs on the other worker meanwhile: none may fail for what a Ctrl-C cut.
     other = idle.submit(helpers.sleep_then, 10, "other")
-    for function, line in lines(*ours):  # an idle worker: submit sends the task itself
-        fired += ctrl_c_at(function, line, lambda: kept.append(idle.submit(helpers.double, line)))
-        check(idle, line)
-    for function, line in lines(*ours):  # no idle worker: the task waits in the queue
-        kept.append(idle.submit(helpers.sleep_then, 0.05, line))
-        fired += ctrl_c_at(function, line, lambda: kept.append(idle.submit(helpers.double, line)))
-        check(idle, line)
+    for n, (function, line) in enumerate(lines(*ours), 1):  # an idle worker: submit sends the task itself
+        fired += ctrl_c_at(function, line, lambda: kept.append(idle.submit(helpers.double, n)))
+        check(idle, n)
+    for n, (function, line) in enumerate(lines(*ours), 1):  # the task waits in the queue
+        kept.append(idle.submit(helpers.sleep_then, 0.05, n))
+        fired += ctrl_c_at(function, line, lambda: kept.append(idle.submit(helpers.double, n)))
+        check(idle, n)
+        # Too large to be sent by submit itself: queued, even for an idle worker.
+        fired += ctrl_c_at(function, line, lambda: kept.append(idle.submit(helpers.identity, bytes(1 << 17))))
+        check(idle, n)
     app = idle.app(cache=True)(helpers.double)
-    for function, line in lines(*ours):
-        fired += ctrl_c_at(function, line, lambda: kept.append(app(line)))
-        assert app(line).result(30) == 2 * line, line  # an identical call: it shares that one's future
-        fired += ctrl_c_at(function, line, lambda: kept.append(app(idle.submit(helpers.double, -line))))
+    for n, (function, line) in enumerate(lines(*ours), 1):
+        fired += ctrl_c_at(function, line, lambda: kept.append(app(n)))
+        assert app(n).result(30) == 2 * n, (function, line)  # an identical call: it shares that one's future
+        fired += ctrl_c_at(function, line, lambda: kept.append(app(idle.submit(helpers.double, -n))))
     for future in kept:
         assert future.cancelled() or future.exception(30) is None, future
     assert other.result(30) == "other"
-for function, line in lines(pool._add_block, *ours[-2:]):  # a block is added
+for n, (function, line) in enumerate(lines(pool._add_block, *ours[-2:]), 1):  # a block is added
     with ContainerPoolExecutor("app1_v0.1", blocks=0, **OPTIONS) as scaling:
         kept = []
-        fired += ctrl_c_at(function, line, lambda: kept.append(scaling.submit(helpers.double, line)))
-        check(scaling, line)
-        assert not kept or kept[0].cancelled() or kept[0].result(30) == 2 * line
+        fired += ctrl_c_at(function, line, lambda: kept.append(scaling.submit(helpers.double, n)))
+        check(scaling, n)
+        assert not kept or kept[0].cancelled() or kept[0].result(30) == 2 * n
 print("fired", fired, flush=True)
 """
 
