@@ -1239,10 +1239,11 @@ def _parse_jobs(listed: str) -> list[_Job]:
     has our labels, but the allocation the caller runs in (say, the job of another
     pool's block, one of whose tasks this is), which neither a sweep nor cleanup may cancel."""
     jobs = []
+    allocation = _allocation()
     for line in listed.splitlines():
         job_id, state, submitted, comment, name = line.split(" ", 4)
         labels = dict(pair.split("=", 1) for pair in comment.split(",") if "=" in pair)
-        if "minipool.executor" in labels and job_id != _allocation():
+        if "minipool.executor" in labels and job_id != allocation:
             started = time.mktime(time.strptime(submitted, "%Y-%m-%dT%H:%M:%S"))
             jobs.append(_Job(job_id, state, started, name, labels))
     return jobs
@@ -1801,7 +1802,6 @@ class _Container:
         self.in_flight: dict[int, _WorkItem] = {}
         self.backlog = 0.0  # seconds the tasks in flight should take, all told
         self.suspect_running = False  # a suspect task is in flight: none joins it
-        self.sending = False  # its block thread is sending it tasks (set under the lock)
         self.sent = 0  # tasks sent, for max_tasks_per_block
         self.expired: dict[int, _WorkItem] = {}  # tasks that ran past task_timeout
         self.lost = False
@@ -1841,6 +1841,11 @@ class _Container:
                 self.send(kind, 0, payload)
         except OSError as exc:
             failed.append(exc)
+
+    @property
+    def sending(self) -> bool:
+        """Whether a send is under way (mostly its block thread's)."""
+        return self._send_lock.locked()
 
     def keep_alive(self) -> None:
         """Send a KEEPALIVE, unless a send is under way (which says as much)."""
@@ -2360,14 +2365,14 @@ class _Pool:
         with _CtrlCWaits():
             with self._lock:
                 self.check_open(promised)
-                # Not one its block thread is sending to: a large send would hold us (and a
-                # Ctrl-C) until it is done.
+                # Not one that is being sent to: a large send would hold us (and a Ctrl-C)
+                # until it is done.
                 idle = (
                     c for c in self._containers
                     if not c.sending and self._has_free_worker(c) and self._has_room(c, item)
                 )
-                container = next(idle, None)
-                if self._pending or container is None:
+                container = None if self._pending else next(idle, None)
+                if container is None:
                     return False
                 task_id = self._assign(container, item)
                 assert task_id is not None  # the caller has not seen its future: none could cancel it
@@ -2640,10 +2645,7 @@ class _Pool:
     def _feed(self, container: _Container) -> None:
         """Send tasks to the container until it is lost, timed out, worn out or the pool closes."""
         while tasks := self._next_tasks(container):
-            try:
-                self._send(container, tasks)
-            finally:
-                container.sending = False
+            self._send(container, tasks)
         if container.expired:
             self._time_out(container)
 
@@ -2706,7 +2708,6 @@ class _Pool:
                     if task_id is not None:
                         tasks.append((task_id, container.in_flight[task_id]))
                 if tasks:
-                    container.sending = True
                     return tasks
                 now = time.monotonic()
                 retire_at = self._retire_at(container)

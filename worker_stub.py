@@ -871,6 +871,8 @@ class Workers:
         """Give the backlog's first tasks to the idle workers: the live ones that run
         no task. Worked out each time, not kept in a list of its own, where a worker
         that died idle was listed twice (once done, once replaced) and got two tasks."""
+        if not backlog:
+            return
         for slot in [slot for slot in self.pipes if slot not in self.running][: len(backlog)]:
             kind, task_id, payload = backlog.popleft()
             self.running[slot] = task_id
