@@ -320,8 +320,9 @@ class _Settings:
     retries: int
     max_tasks_per_block: int | None
     max_message_size: int
-    min_blocks: int
+    min_blocks: int  # these two count containers: a block's nodes each run one (block_size)
     max_blocks: int
+    block_size: int  # containers a block adds: its nodes on Slurm, else 1
     idle_timeout: float | None
     workers_per_block: int
 
@@ -715,7 +716,7 @@ class _Engine(_Placement):
         except (docker.errors.DockerException, OSError):
             return False
 
-    def start(self, settings: _Settings) -> _Container:
+    def start(self, settings: _Settings, closing: Callable[[float], bool]) -> _Container:
         """Create, attach, start; StartupError if the engine refuses.
 
         Attach comes before start and the stub says nothing before HELLO: bytes that
@@ -841,12 +842,18 @@ class Command:
 
 
 class Slurm:
-    """Where blocks run, for provider=: each block is a Slurm job that runs the
-    runtime's command under `srun`, its stdin and stdout forwarded to the caller.
-    Each job asks for workers_per_block cores (--cpus-per-task); `options` are
-    srun's own, passed unchanged. For example
+    """Where blocks run, for provider=: each block is a Slurm job of nodes_per_block
+    nodes, with one stub on each node (a container, in the pool's terms) run by srun
+    as a step of the job, its stdin and stdout forwarded to the caller; each stub
+    runs workers_per_block workers and asks for that many cores. A block takes its
+    nodes whole unless exclusive=False. `options` are salloc's own, passed unchanged
+    to the command that asks for each job. For example
 
-        Slurm(partition="debug", time="01:00:00", options=["--mem=4G"])
+        Slurm(partition="debug", time="01:00:00", nodes_per_block=2, options=["--mem=4G"])
+
+    Inside an allocation (a batch script, salloc: SLURM_JOB_ID set) no job is
+    asked for: each stub is a step of that allocation, on the node where the pool
+    has fewest, sharing its nodes; `options` then go to srun.
     """
 
     def __init__(
@@ -854,31 +861,39 @@ class Slurm:
         partition: str | None = None,
         time: str | None = None,
         account: str | None = None,
+        nodes_per_block: int = 1,
+        exclusive: bool = True,
         options: Sequence[str] = (),
     ) -> None:
         for name, value in (("partition", partition), ("time", time), ("account", account)):
             if value is not None:
                 _check_name(name, value)
+        _check_count("nodes_per_block", nodes_per_block, 1)
+        if not isinstance(exclusive, bool):
+            raise TypeError(f"exclusive must be True or False, not {exclusive!r}")
         if isinstance(options, str) or not all(isinstance(option, str) for option in options):
-            raise TypeError(f"options must be a list of srun's options, each a string, not {options!r}")
+            raise TypeError(f"options must be a list of salloc's options, each a string, not {options!r}")
         for option in options:
-            if option.split("=")[0] in _SRUN_OURS:
+            if option.split("=")[0] in _SLURM_OURS:
                 raise ValueError(f"Slurm options: minipool sets {option.split('=')[0]} itself (the block's "
-                                 f"stdin and stdout are its channel, and its name and comment find it again)")
+                                 f"stdin and stdout are its channel, its nodes are nodes_per_block, and its "
+                                 f"name and comment find it again)")
         self.partition = partition
         self.time = time
         self.account = account
+        self.nodes_per_block = nodes_per_block
+        self.exclusive = exclusive
         self.options = list(options)
 
     def __repr__(self) -> str:
         return f"Slurm(partition={self.partition!r}, time={self.time!r}, account={self.account!r}, " \
-               f"options={self.options!r})"
+               f"nodes_per_block={self.nodes_per_block!r}, exclusive={self.exclusive!r}, options={self.options!r})"
 
 
-# srun options a Slurm provider sets itself: the channel, the job's name and comment.
-_SRUN_OURS = frozenset(
+# salloc and srun options a Slurm provider sets itself: the channel, the nodes, the name and comment.
+_SLURM_OURS = frozenset(
     ["-i", "--input", "-o", "--output", "-e", "--error", "--pty", "-u", "--unbuffered", "-J", "--job-name",
-     "--comment"]
+     "--comment", "-N", "--nodes", "--jobid", "-r", "--relative"]
 )
 
 
@@ -966,7 +981,11 @@ class _Command(_Placement):
     def answers(self) -> bool:
         return True  # no engine to lose: a start that fails is the command's
 
-    def start(self, settings: _Settings) -> _Container:
+    def start(self, settings: _Settings, closing: Callable[[float], bool]) -> _Container | None:
+        return self._run(settings, self.argv)
+
+    def _run(self, settings: _Settings, argv: list[str]) -> _Container:
+        """The block's process, running `argv`."""
         # The bootstrap unpacks the stub under TMPDIR. Apptainer and Charliecloud share
         # the host's /tmp, so each process gets a directory of its own, removed with it.
         tmpdir = tempfile.mkdtemp(prefix=f"{_BLOCK_DIR}{socket.gethostname()}-{os.getpid()}-")
@@ -977,15 +996,15 @@ class _Command(_Placement):
         environment.setdefault("USER", getpass.getuser())  # ch-run will not start without it
         try:
             process = subprocess.Popen(
-                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                 env=environment, start_new_session=True,
             )
         except OSError as exc:
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise StartupError(
-                f"cannot run {self.description}: {exc.strerror}: {self.argv[0]!r}. Is it installed and on PATH?"
+                f"cannot run {self.description}: {exc.strerror}: {argv[0]!r}. Is it installed and on PATH?"
             ) from _bare(exc)
-        _logger.debug("pool %s: started process %d: %s ...", settings.label, process.pid, shlex.join(self.argv[:-2]))
+        _logger.debug("pool %s: started process %d: %s ...", settings.label, process.pid, shlex.join(argv[:-2]))
         channel = self._open_channel(process, f"minipool-{settings.label}-process-{process.pid}", tmpdir)
         return _Container(str(process.pid), channel, self)
 
@@ -1090,46 +1109,69 @@ def _open_command(
 
 # --------------------------------------------------------------------------- Slurm
 #
-# provider=Slurm(...): each block's command (the runtime's, as above) runs as a Slurm
-# job under srun, which is the block's process here: its stdin and stdout are the
-# channel, as with any command runtime. Two things are Slurm's own: a job may wait in
-# the queue before it runs (startup_timeout counts from when it runs), and a job
-# whose srun is killed while it waits stays queued (the pool cancels it at close). Every
-# job is named minipool-LABEL and its comment holds the labels a container would
-# carry, so that squeue finds what a dead caller left (python -m minipool ps --slurm).
+# provider=Slurm(...): each block is a Slurm job of nodes_per_block nodes, which salloc
+# asks for and then holds, on this host, for as long as its command (the keeper) reads
+# a pipe of ours: closed when the block's last stub is gone, or by the caller's death
+# (SIGKILL included), it lets the job go. On each node of the job a step, run by
+# `srun --jobid`, is one of the pool's containers: the runtime's command, srun's stdin
+# and stdout its channel, as with any command runtime. A job may wait in the queue
+# (startup_timeout counts from when it runs); an elastic pool cancels a queued job that
+# no work waits for. Every job is named minipool-LABEL, and its comment holds the labels
+# a container would carry, so that squeue finds what a dead caller left.
 #
-# A caller that runs inside an allocation (SLURM_JOB_ID set: sbatch, salloc) submits
-# no job: each block's srun is a job step of that allocation, on one of its nodes,
-# sharing them with the other blocks' steps (--exact). A step has no comment: the
-# pool knows its steps by their ids, and cancels each when its block is removed.
+# What ends a step (its stub exits, task_timeout) ends that node's container alone: a
+# new step takes its place in the same job. What ends the job (scancel, its time limit,
+# a node's failure, which by Slurm's default ends the whole job) ends every step of it:
+# the block's containers are lost together, and a new job replaces them.
+#
+# A caller that runs inside an allocation (SLURM_JOB_ID set: sbatch, salloc) asks for
+# no job: each stub is a step of that allocation, on the node where the pool has fewest,
+# sharing it with the other steps (--exact). The pool never ends the allocation.
 
 # Run by srun on the node in front of the runtime's command: it tells the caller,
-# on srun's stderr, that the job runs (srun says so only for a job that was queued),
-# and where, so that the block is named by its job, step and node. The line is the
-# wrapper's, never a task's output: _SrunChannel keeps it out of the block's stderr.
+# on srun's stderr, that the step runs, and where, so that the block is named by its
+# job, step and node. The line is the wrapper's, never a task's output: _SrunChannel
+# keeps it out of the block's stderr.
 _SRUN_WRAPPER = 'echo "minipool: Slurm job $SLURM_JOB_ID step $SLURM_STEP_ID runs on $SLURMD_NODENAME" >&2 && exec "$@"'
-_JOB_RUNS = re.compile(rb"minipool: Slurm job (\d+) step (\d+) runs on (\S+)")
-_JOB_QUEUED = re.compile(rb"srun: job (\d+) queued and waiting for resources")
-# How often a block whose job is queued looks whether its pool closes meanwhile.
+_STEP_RUNS = re.compile(rb"minipool: Slurm job (\d+) step (\d+) runs on (\S+)")
+# salloc's command, on this host: it reads the caller's pipe until it ends.
+_KEEPER = "exec cat >/dev/null"
+# What salloc says of its job on its stderr.
+_SALLOC_JOB = re.compile(r"salloc: (Pending|Granted) job allocation (\d+)")
+_SALLOC_QUEUED = "queued and waiting for resources"
+_SALLOC_REVOKED = "has been revoked"
+# How often a block whose job is queued looks whether its pool still wants it.
 _QUEUE_LOOK = 0.1
 # squeue and scancel answer in tens of milliseconds; a controller that takes longer is down.
 _SLURM_COMMAND_TIMEOUT = 30.0
 
 
-def _srun_argv(slurm: Slurm, label: str, pool_id: str, workers: int, allocation: str | None) -> list[str]:
-    """srun's command line up to the runtime's: one task of `workers` cores on one node,
-    named and commented so that squeue finds it, stdin and stdout unbuffered. Inside an
-    allocation (its job id), a step that takes only its own cores (--exact; by default a
-    step takes every CPU of its nodes, and the other blocks' steps wait) and no comment,
-    which only a job has."""
-    comment = f"minipool.host={socket.gethostname()},minipool.pid={os.getpid()},minipool.executor={pool_id}"
-    ours = ["--exact"] if allocation is not None else [f"--comment={comment}"]
+def _comment(pool_id: str) -> str:
+    """A job's comment: the labels that tell whose it is (_owner) and which pool's."""
+    return f"minipool.host={socket.gethostname()},minipool.pid={os.getpid()},minipool.executor={pool_id}"
+
+
+def _salloc_argv(slurm: Slurm, label: str, pool_id: str, workers: int) -> list[str]:
+    """salloc's command line for a block's job: nodes_per_block nodes with a task of
+    `workers` cores on each, whole nodes if exclusive, named and commented so that
+    squeue finds it; its command the keeper."""
     chosen = [("--partition", slurm.partition), ("--time", slurm.time), ("--account", slurm.account)]
     return [
-        # --nodes=1: else a step of a two-node allocation asks for both ("can't run 1 processes on 2 nodes").
-        "srun", "--unbuffered", "--nodes=1", "--ntasks=1", f"--cpus-per-task={workers}",
-        f"--job-name=minipool-{label}", *ours, *[f"{flag}={value}" for flag, value in chosen if value is not None],
-        *slurm.options, "sh", "-c", _SRUN_WRAPPER, "minipool-block",
+        "salloc", f"--nodes={slurm.nodes_per_block}", "--ntasks-per-node=1", f"--cpus-per-task={workers}",
+        *(["--exclusive"] if slurm.exclusive else []), f"--job-name=minipool-{label}", f"--comment={_comment(pool_id)}",
+        *[f"{flag}={value}" for flag, value in chosen if value is not None], *slurm.options,
+        "sh", "-c", _KEEPER,
+    ]
+
+
+def _srun_argv(label: str, workers: int, options: Sequence[str]) -> list[str]:
+    """srun's command line for a stub, up to the runtime's command but for the job and
+    node (_Srun.start adds them): one task of `workers` cores on one node, taking only
+    its own cores (--exact; by default a step takes every CPU of its node, and the
+    other steps wait), stdin and stdout unbuffered, then the wrapper."""
+    return [
+        "srun", "--unbuffered", "--nodes=1", "--ntasks=1", f"--cpus-per-task={workers}", "--exact",
+        f"--job-name=minipool-{label}", *options, "sh", "-c", _SRUN_WRAPPER, "minipool-block",
     ]
 
 
@@ -1138,24 +1180,158 @@ def _allocation() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
+class _Allocation:
+    """Nodes the pool's steps run on, and how many of its stubs each has: here the
+    caller's allocation, which is granted, the pool's to share and never to end."""
+
+    def __init__(self, job_id: str, nodes: int) -> None:
+        self.id = job_id
+        self.steps = [0] * nodes  # the pool's stubs on each node, by the node's index in the job
+        self.granted = threading.Event()
+        self.granted.set()
+        self.ended = threading.Event()
+
+    def free_node(self) -> int | None:
+        """The node for another stub: the one with fewest; None if none may have one."""
+        return self.steps.index(min(self.steps))
+
+    def wait_granted(self, closing: Callable[[float], bool], description: str) -> bool:
+        return True
+
+    def let_go(self) -> None:
+        pass  # the caller's
+
+
+class _SlurmJob(_Allocation):
+    """A block's job, which salloc asks for, waits for while it is queued, and holds
+    while its keeper reads our pipe; one stub a node. salloc's stderr tells how it goes."""
+
+    def __init__(self, argv: list[str], nodes: int, label: str) -> None:
+        super().__init__("", nodes)
+        self.granted.clear()
+        self.said: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)  # to explain a refusal
+        self._label = label
+        # SIGPIPE stays ignored, as in Python (restore_signals=False): salloc writes to
+        # its stderr as it lets the job go, and a caller killed by then must not kill it first.
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True, restore_signals=False,
+        )
+        threading.Thread(target=self._follow, name=f"minipool-{label}-salloc-{self.process.pid}", daemon=True).start()
+
+    def free_node(self) -> int | None:
+        return self.steps.index(0) if 0 in self.steps else None
+
+    def _follow(self) -> None:
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            job = _SALLOC_JOB.search(line)
+            if job:
+                self.id = job.group(2)
+                if job.group(1) == "Granted":
+                    self.granted.set()
+            elif _SALLOC_QUEUED in line:
+                _logger.info("pool %s: Slurm job %s is queued; startup_timeout counts from when it runs",
+                             self._label, self.id)
+            elif _SALLOC_REVOKED in line:
+                _logger.info("pool %s: Slurm job %s has ended (%s)", self._label, self.id,
+                             self.said[-1] if self.said else "cancelled")
+                self.ended.set()
+            else:
+                self.said.append(line)
+        self.ended.set()
+
+    def wait_granted(self, closing: Callable[[float], bool], description: str) -> bool:
+        """Wait while the job is queued; False if the pool gives up first, StartupError if Slurm refuses it."""
+        while not self.granted.wait(_QUEUE_LOOK):
+            if self.ended.is_set():
+                code = self.process.wait(_EXIT_EVENT_WAIT)
+                said = "\n".join(self.said) or "(nothing)"
+                raise StartupError(f"cannot start a block on {description}: salloc ended (exit code {code}) "
+                                   f"before its job ran; it said:\n{said}")
+            if closing(0):
+                return False
+        return True
+
+    def let_go(self) -> None:
+        """End the job: a running one salloc lets go once the keeper's pipe is closed,
+        a queued one it cancels when terminated."""
+        self.ended.set()
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        if not self.granted.is_set():
+            self.process.terminate()
+        try:
+            self.process.wait(_EXIT_GRACE)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            _scancel([self.id] if self.id else [])
+
+
 class _Srun(_Command):
-    """A runtime's command run as a Slurm job by srun: srun is the block's process
-    (a child of the caller, as for any command runtime), asks for the job, waits
-    while it is queued and forwards the block's stdin, stdout and stderr."""
+    """A runtime's command run on Slurm: each container is a step, run by srun (the
+    block's process, a child of the caller as for any command runtime), on a node of
+    one of the pool's jobs, asked for when none has a node free (_SlurmJob); inside
+    the caller's allocation, on one of its nodes."""
 
     def __init__(
-        self, name: str, argv: list[str], environment: Mapping[str, str], pool_id: str, allocation: str | None
+        self, name: str, argv: list[str], environment: Mapping[str, str], job_argv: list[str], nodes: int,
+        allocation: _Allocation | None,
     ) -> None:
         super().__init__(name, argv, environment)
-        self.pool_id = pool_id
-        self.allocation = allocation  # the caller's, whose steps the blocks are; None: a job each
+        self.description = f"{name} (the command lines: {shlex.join(job_argv)} and {shlex.join(argv[:-2])} ...)"
+        self._job_argv = job_argv
+        self._nodes = nodes
+        self.allocation = allocation
+        self._lock = threading.Lock()  # the jobs and their steps
+        self._jobs: list[_Allocation] = [allocation] if allocation is not None else []
+
+    def start(self, settings: _Settings, closing: Callable[[float], bool]) -> _Container | None:
+        """A step on a free node of a job, once the job runs; None if the pool gives up first."""
+        job, node = self._place(settings.label)
+        try:
+            if not job.wait_granted(closing, self.description):
+                self._leave(job, node)
+                return None
+            container = self._run(settings, [self.argv[0], f"--jobid={job.id}", f"--relative={node}", *self.argv[1:]])
+        except BaseException:
+            self._leave(job, node)
+            raise
+        self._srun_channel(container).placed = (job, node)
+        return container
+
+    def _place(self, label: str) -> tuple[_Allocation, int]:
+        """A free node of a job of the pool's, or the first node of a new one."""
+        with self._lock:
+            for job in self._jobs:
+                node = None if job.ended.is_set() else job.free_node()
+                if node is not None:
+                    break
+            else:
+                job = _SlurmJob(self._job_argv, self._nodes, label)
+                self._jobs.append(job)
+                node = 0
+            job.steps[node] += 1
+        return job, node
+
+    def _leave(self, job: _Allocation, node: int) -> None:
+        """A stub of the job is gone; a job of ours with none left is let go."""
+        with self._lock:
+            job.steps[node] -= 1
+            done = job is not self.allocation and not any(job.steps)
+            if done:
+                self._jobs.remove(job)
+        if done:
+            job.let_go()
 
     def _open_channel(self, process: subprocess.Popen, name: str, tmpdir: str) -> _PipeChannel:
         return _SrunChannel(process, name, tmpdir)
 
     def running(self, container: _Container, closing: Callable[[float], bool]) -> bool:
-        """Wait until the block's job runs, however long it is queued; False if the
-        pool closes first, StartupError if Slurm refuses the job."""
+        """Wait until the step runs (in an allocation, it may wait for cores); False if
+        the pool closes first, StartupError if srun ends before."""
         channel = self._srun_channel(container)
         while not channel.runs.wait(_QUEUE_LOOK):
             if channel.process.poll() is not None:
@@ -1166,31 +1342,37 @@ class _Srun(_Command):
         return True
 
     def remove(self, container: _Container) -> None:
-        """Kill srun, and cancel the block's step if it is one of the caller's
-        allocation: the step of a killed srun runs on for seconds (its job is the
-        allocation, which lives on). A step whose srun ended by itself has ended."""
+        """Kill srun, and cancel its step: the step of a killed srun runs on for
+        seconds in a job that lives on. A step whose srun ended by itself has ended."""
         channel = self._srun_channel(container)
         killed = channel.process.returncode is None
         super().remove(container)
-        if self.allocation is not None and channel.runs.is_set() and killed:
+        if channel.runs.is_set() and killed:
             _scancel_step(f"{channel.job}.{channel.step}")
 
+    def release(self, container: _Container) -> None:
+        super().release(container)
+        placed = self._srun_channel(container).placed
+        assert placed is not None
+        self._leave(*placed)
+
     def _refused(self, container: _Container) -> StartupError:
-        """srun ended before its job ran (an option or partition Slurm refuses, a cancelled job): what it said."""
+        """srun ended before its step ran (an option Slurm refuses, a job that ended): what it said."""
         channel = self._srun_channel(container)
         channel.drain_stderr(_EXIT_EVENT_WAIT)
         container.end_log()
         return StartupError(
             f"cannot start a block on {self.description}: srun ended (exit code {channel.process.returncode}) "
-            f"before its job ran; it said:\n{container.last_words()}"
+            f"before its step ran; it said:\n{container.last_words()}"
         )
 
     def close(self) -> None:
-        """Cancel the pool's jobs still queued: srun, killed when its block is removed,
-        ends a running job but not a queued one (as an engine's leftover containers
-        are removed at close). Inside an allocation there are none: a step that waits
-        for its cores is only srun's, which is gone."""
-        _scancel([job.id for job in _slurm_jobs() if job.labels.get("minipool.executor") == self.pool_id])
+        """Let go the jobs still held: none, once every block was removed."""
+        with self._lock:
+            jobs = [job for job in self._jobs if job is not self.allocation]
+            self._jobs = [job for job in self._jobs if job is self.allocation]
+        for job in jobs:
+            job.let_go()
 
     @staticmethod
     def _srun_channel(container: _Container) -> _SrunChannel:
@@ -1268,14 +1450,19 @@ def _scancel_step(step: str) -> None:
 
 
 def _open_slurm(slurm: Slurm, command: _Command, label: str, pool_id: str, workers: int) -> _Srun:
-    """The launcher of the runtime's command as Slurm jobs, checked to have srun and
-    the partition; the jobs dead callers on this host left queued are cancelled."""
-    allocation = _allocation()
-    argv = _srun_argv(slurm, label, pool_id, workers, allocation) + command.argv
-    where = "Slurm" if allocation is None else f"Slurm job {allocation}'s steps"
-    launcher = _Srun(f"{command.name} on {where}", argv, command.environment, pool_id, allocation)
-    if shutil.which("srun") is None:
-        raise StartupError(f"cannot run {launcher.description}: no srun on PATH. Is Slurm's client installed?")
+    """The launcher of the runtime's command on Slurm, checked to have srun and the
+    partition; the jobs dead callers on this host left queued are cancelled."""
+    job_id = _allocation()
+    allocation = None if job_id is None else _Allocation(job_id, int(os.environ.get("SLURM_JOB_NUM_NODES", "1")))
+    argv = _srun_argv(label, workers, slurm.options if allocation is not None else []) + command.argv
+    where = "Slurm" if allocation is None else f"Slurm job {job_id}'s steps"
+    job_argv = _salloc_argv(slurm, label, pool_id, workers)
+    launcher = _Srun(f"{command.name} on {where}", argv, command.environment, job_argv, slurm.nodes_per_block,
+                     allocation)
+    missing = [program for program in ("salloc", "srun") if shutil.which(program) is None]
+    if missing:
+        raise StartupError(f"cannot run {launcher.description}: no {' or '.join(missing)} on PATH. "
+                           f"Is Slurm's client installed?")
     partitions = _slurm("sinfo", "--noheader", "--format=%R").split()
     if slurm.partition is not None and slurm.partition not in partitions:
         raise StartupError(f"Slurm has no partition {slurm.partition!r}; it has {', '.join(partitions) or 'none'}")
@@ -1695,14 +1882,14 @@ class _PipeChannel:
 
 
 class _SrunChannel(_PipeChannel):
-    """The pipes to a block's srun, whose stderr also tells how the block's Slurm job
-    goes until it runs: srun says that it is queued, _SRUN_WRAPPER that it runs, and
-    its job, step and node (set before `runs`)."""
+    """The pipes to a stub's srun, whose stderr first tells that its step runs
+    (_SRUN_WRAPPER), and its job, step and node (set before `runs`)."""
 
     def __init__(self, process: subprocess.Popen, name: str, tmpdir: str) -> None:
         super().__init__(process, name, tmpdir)
         self.runs = threading.Event()
         self.job = self.step = self.node = ""
+        self.placed: tuple[_Allocation, int] | None = None  # its job, and its node's index there
         self._partial = bytearray()
 
     def listen(self, on_stderr: Callable[[bytearray], None]) -> None:
@@ -1729,12 +1916,8 @@ class _SrunChannel(_PipeChannel):
             on_stderr(rest)
 
     def _noted(self, line: bytearray) -> bool:
-        """Log that the job is queued; note where it runs (True: the wrapper's line)."""
-        queued = _JOB_QUEUED.search(line)
-        if queued:
-            _logger.info("%s: Slurm job %s is queued; startup_timeout counts from when it runs",
-                         self.name, queued.group(1).decode())
-        runs = _JOB_RUNS.match(line)
+        """Note where the step runs (True: the wrapper's line)."""
+        runs = _STEP_RUNS.match(line)
         if runs:
             self.job, self.step, self.node = (part.decode() for part in runs.groups())
             self.runs.set()
@@ -1973,10 +2156,10 @@ class _Starter:
         self._lock = threading.Lock()  # the launchers' blocks and lost flags, and what follows
         self._ever_ready = False  # a container of the pool has been ready once
 
-    def start(self, closing: Callable[[float], bool]) -> _Container | None:
+    def start(self, closing: Callable[[float], bool], unwanted: Callable[[], bool]) -> _Container | None:
         """A ready container on the launcher with the most room for it; None if the
         pool closes first (`closing(seconds)` waits that long for it to, and says
-        whether it did).
+        whether it did), or no work wants it any more while it waits in a queue.
 
         An engine that stops answering loses its blocks to the others, and the pool
         breaks only when none is left. A start that fails on an engine that answers
@@ -1988,7 +2171,7 @@ class _Starter:
         while not closing(0):
             launcher = self._place(failed)
             try:
-                return self._start_container(launcher, closing)
+                return self._start_container(launcher, closing, unwanted)
             except StartupError as exc:
                 with self._lock:
                     launcher.blocks -= 1
@@ -2030,11 +2213,18 @@ class _Starter:
             self._label, engine.name, left, exc,
         )
 
-    def _start_container(self, launcher: _Launcher, closing: Callable[[float], bool]) -> _Container | None:
+    def _start_container(
+        self, launcher: _Launcher, closing: Callable[[float], bool], unwanted: Callable[[], bool]
+    ) -> _Container | None:
         """Start a container with the launcher, send the stub once it runs, handshake;
-        StartupError otherwise. None if the pool closes while the container waits to
-        run (a Slurm job in the queue): startup_timeout counts from when it runs."""
-        container = launcher.start(self._settings)
+        StartupError otherwise. None if the pool closes, or no work wants it, while the
+        container waits to run (a Slurm job in the queue): startup_timeout counts from
+        when it runs."""
+        container = launcher.start(self._settings, lambda seconds: closing(seconds) or unwanted())
+        if container is None:
+            with self._lock:
+                launcher.blocks -= 1
+            return None
         try:
             runs = launcher.running(container, closing)
             if runs:
@@ -2541,7 +2731,9 @@ class _Pool:
         wanted = self._blocks < self._settings.max_blocks and len(self._pending) > starting and not idle
         paused = self._blocks and time.monotonic() < self._scale_up_after
         if wanted and not paused:
-            self._add_block()
+            # A block of several nodes comes whole (its job), each node a container.
+            for _ in range(min(self._settings.block_size, self._settings.max_blocks - self._blocks)):
+                self._add_block()
 
     def _retire_at(self, container: _Container) -> float | None:
         """When the idle container's block is to be removed (idle_timeout); None if never (under the lock).
@@ -2576,7 +2768,7 @@ class _Pool:
             container = self._start_block()
             while container is not None:
                 _logger.info(
-                    "pool %s: block %d ready in %s on %s (%.2f s; %d of at most %d blocks)",
+                    "pool %s: block %d ready in %s on %s (%.2f s; %d of at most %d containers)",
                     self._label, number, container.name, container.launcher.name, time.monotonic() - started,
                     self._blocks, self._settings.max_blocks,
                 )
@@ -2623,7 +2815,7 @@ class _Pool:
     def _start_block(self) -> _Container | None:
         """A ready container for the block, its reader started, taking tasks; None if
         the pool closes first."""
-        container = self._starter.start(self._wait_closing)
+        container = self._starter.start(self._wait_closing, self._unwanted)
         if container is None:
             return None
         container.reader = threading.Thread(
@@ -2636,6 +2828,16 @@ class _Pool:
             self._changed.notify_all()
         container.reader.start()
         return container
+
+    def _unwanted(self) -> bool:
+        """Whether a block still waiting for its container (a Slurm job in the queue)
+        may give up: an elastic pool with no work waiting and blocks to spare."""
+        with self._lock:
+            return (
+                self._settings.idle_timeout is not None
+                and not self._pending
+                and self._blocks > self._settings.min_blocks
+            )
 
     def _wait_closing(self, seconds: float) -> bool:
         """Wait up to `seconds` for the pool to close; whether it does."""
@@ -3131,10 +3333,12 @@ class ContainerPoolExecutor(Executor):
         reason). "socket": the unix socket or StartupError. "attach": the attach
         stream alone.
     provider: where the blocks run: None, this machine; or Slurm(...), each block
-        a Slurm job that runs the runtime's command under srun (runtime= must be
-        one run as a command), asking for workers_per_block cores. A job Slurm
-        ends is a lost block (WorkerLost, retries); a job waiting in the queue
-        is logged, and startup_timeout counts from when it runs.
+        a Slurm job of nodes_per_block nodes, each node running the runtime's
+        command (runtime= must be one run as a command) as a step under srun,
+        with workers_per_block workers and as many cores. A step that ends is
+        replaced in its job; a job Slurm ends loses all its nodes (WorkerLost,
+        retries) and a new job replaces it. A job waiting in the queue is
+        logged, and startup_timeout counts from when it runs.
     python: the interpreter's name or path inside the image.
     workdir: the stub's working directory (default: the image's WorkingDir); it is
         on the stub's sys.path, so modules there are importable.
@@ -3230,6 +3434,7 @@ class ContainerPoolExecutor(Executor):
         self._image = image
         self._max_message_size = max_message_size
         pool_id = uuid.uuid4().hex[:12]
+        nodes = 1 if provider is None else provider.nodes_per_block  # a container each
         launchers: list[_Launcher] = []
         if runtime == "docker":
             launchers += _connect_all(engine, max_blocks + 4, image, pool_id, self._label, channel)
@@ -3253,13 +3458,14 @@ class ContainerPoolExecutor(Executor):
                 retries=retries,
                 max_tasks_per_block=max_tasks_per_block,
                 max_message_size=max_message_size,
-                min_blocks=min_blocks,
-                max_blocks=max_blocks,
+                min_blocks=min_blocks * nodes,
+                max_blocks=max_blocks * nodes,
+                block_size=nodes,
                 idle_timeout=idle_timeout,
                 workers_per_block=workers_per_block,
             )
             _install_exit_hooks()
-            self._pool = _Pool(launchers, settings, blocks)
+            self._pool = _Pool(launchers, settings, blocks * nodes)
         except BaseException:
             for made in launchers:
                 made.close()

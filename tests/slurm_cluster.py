@@ -6,12 +6,11 @@ munged, slurmctld and one slurmd per node (n1..n4, `slurmd -N nK`) run as childr
 of this process, each in the foreground (so the pids are theirs), with their key,
 config, state and logs in a new directory under /var/tmp that stop() removes. Each
 node is its own loopback address (127.0.0.K+1) with a port of its own, and claims
-8 CPUs (SlurmdParameters=config_overrides), so srun -N4 runs a task on each. The
+256 CPUs (SlurmdParameters=config_overrides), so srun -N4 runs a task on each. The
 ports are free ones, and munged has a socket and key of its own: a machine's own
 Slurm or munged, or a second cluster of this kind, is left alone. Needs root (munged runs as user
 munge; slurmd starts jobs as their user) and Debian's slurmctld, slurmd,
-slurm-client and munge. Facts (docs/DESIGN.md): up in about 2 s; without
-OverSubscribe=FORCE:4 only two one-core jobs run at once on 2 cores.
+slurm-client and munge. Up in about 2 s.
 """
 
 import contextlib
@@ -54,16 +53,16 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 # A job past its time limit (or cancelled) gets SIGKILL 2 s after SIGTERM, not 30.
 KillWait=2
-# Each node claims 8 CPUs whatever the machine has (config_overrides: slurmd believes the
-# config, not the hardware), so that a job asking for up to 8 (workers_per_block) can run;
-# with OverSubscribe=FORCE:4 (else two one-core jobs at a time on 2 cores) 32 jobs run at
-# once on each node.
+# Each node claims 256 CPUs whatever the machine has (config_overrides: slurmd believes the
+# config, not the hardware), so that a stub of up to 256 workers (workers_per_block, a core
+# each) can run, and 256 one-core jobs at once. Nodes are not oversubscribed: a job that
+# asks for whole nodes (--exclusive, Slurm(exclusive=True)) gets them.
 SlurmdParameters=config_overrides
 {nodes}
-PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 # One line a node: the same machine, each node its own loopback address and port.
-NODE = "NodeName={name} NodeHostname={host} NodeAddr={address} Port={port} CPUs=8 State=UNKNOWN"
+NODE = "NodeName={name} NodeHostname={host} NodeAddr={address} Port={port} CPUs=256 State=UNKNOWN"
 NODES = [f"n{k}" for k in range(1, 5)]
 
 

@@ -36,26 +36,26 @@ from minipool import WorkerLost
 # --------------------------------------------------------------------------- arguments, no cluster needed
 
 
-def test_srun_runs_the_runtimes_command_as_one_task_named_and_commented():
-    slurm = Slurm(partition="debug", time="01:00:00", account="proj", options=["--mem=4G"])
-    argv = minipool._srun_argv(slurm, "app1", "abc123", 4, None)
-    assert argv == [
-        "srun", "--unbuffered", "--nodes=1", "--ntasks=1", "--cpus-per-task=4", "--job-name=minipool-app1",
+def test_a_block_is_a_job_salloc_holds_of_its_nodes_a_task_of_its_workers_cores_on_each():
+    slurm = Slurm(partition="debug", time="01:00:00", account="proj", nodes_per_block=3, options=["--mem=4G"])
+    assert minipool._salloc_argv(slurm, "app1", "abc123", 4) == [
+        "salloc", "--nodes=3", "--ntasks-per-node=1", "--cpus-per-task=4", "--exclusive", "--job-name=minipool-app1",
         f"--comment=minipool.host={os.uname().nodename},minipool.pid={os.getpid()},minipool.executor=abc123",
-        "--partition=debug", "--time=01:00:00", "--account=proj", "--mem=4G",
-        "sh", "-c", minipool._SRUN_WRAPPER, "minipool-block",
+        "--partition=debug", "--time=01:00:00", "--account=proj", "--mem=4G", "sh", "-c", minipool._KEEPER,
+    ]
+    assert "--exclusive" not in minipool._salloc_argv(Slurm(exclusive=False), "app1", "abc123", 4)
+
+
+def test_each_stub_is_a_step_of_one_task_that_takes_only_its_own_cores():
+    assert minipool._srun_argv("app1", 2, ["--mem=1G"]) == [
+        "srun", "--unbuffered", "--nodes=1", "--ntasks=1", "--cpus-per-task=2", "--exact", "--job-name=minipool-app1",
+        "--mem=1G", "sh", "-c", minipool._SRUN_WRAPPER, "minipool-block",
     ]
 
 
-def test_inside_an_allocation_a_block_is_a_step_that_takes_only_its_own_cores():
-    argv = minipool._srun_argv(Slurm(), "app1", "abc123", 2, "44")
-    assert argv[:7] == [
-        "srun", "--unbuffered", "--nodes=1", "--ntasks=1", "--cpus-per-task=2", "--job-name=minipool-app1", "--exact",
-    ]
-    assert not [word for word in argv if word.startswith("--comment")]  # a step has none
-
-
-@pytest.mark.parametrize("option", ["--output=x.log", "-e", "--job-name=mine", "--comment=x", "-u", "--pty"])
+@pytest.mark.parametrize(
+    "option", ["--output=x.log", "-e", "--job-name=mine", "--comment=x", "-u", "--pty", "--nodes=2", "--jobid=4"]
+)
 def test_options_that_would_take_the_channel_or_the_jobs_name_are_refused(option):
     with pytest.raises(ValueError, match=f"minipool sets {option.split('=')[0]} itself"):
         Slurm(options=[option])
@@ -67,8 +67,10 @@ def test_options_that_would_take_the_channel_or_the_jobs_name_are_refused(option
         ({"options": "--mem=4G"}, TypeError, "options must be a list"),
         ({"partition": 3}, TypeError, "partition must be a string"),
         ({"time": ""}, ValueError, "time must not be empty"),
+        ({"nodes_per_block": 0}, ValueError, "nodes_per_block must be >= 1"),
+        ({"exclusive": "yes"}, TypeError, "exclusive must be True or False"),
     ],
-    ids=["options as a string", "partition not a string", "empty time"],
+    ids=["options as a string", "partition not a string", "empty time", "no nodes", "exclusive not a bool"],
 )
 def test_bad_slurm_arguments(arguments, error, words):
     with pytest.raises(error, match=words):
@@ -106,8 +108,9 @@ def job_of(cluster, job_id, field):
     return dict(word.split("=", 1) for word in shown.split() if "=" in word)[field]
 
 
-def test_blocks_are_jobs_that_ask_for_their_workers_cores(on_slurm, tmp_path):
-    pool = on_slurm.pool(blocks=2, workers_per_block=2, **sharing(tmp_path))
+@pytest.mark.parametrize("exclusive, cpus", [(True, "256"), (False, "2")], ids=["whole nodes", "shared"])
+def test_blocks_are_jobs_of_whole_nodes_or_of_their_workers_cores(on_slurm, tmp_path, exclusive, cpus):
+    pool = on_slurm.pool(blocks=2, workers_per_block=2, provider=Slurm(exclusive=exclusive), **sharing(tmp_path))
     assert pool.submit(helpers.double, 21).result(DEADLOCK) == 42
     running = [pool.submit(helpers.block_at_gate, GATE) for _ in range(4)]  # one a worker
     wait_until(lambda: all(future.running() for future in running), what="a task on every worker")
@@ -115,7 +118,7 @@ def test_blocks_are_jobs_that_ask_for_their_workers_cores(on_slurm, tmp_path):
     jobs = on_slurm.blocks()
     assert {future.result(DEADLOCK) for future in running} == set(jobs) and len(jobs) == 2
     for job_id in jobs:
-        assert job_of(on_slurm.cluster, job_id, "NumCPUs") == "2"
+        assert job_of(on_slurm.cluster, job_id, "NumCPUs") == cpus  # a node claims 256 (slurm_cluster)
         comment = job_of(on_slurm.cluster, job_id, "Comment")
         assert f"minipool.host={os.uname().nodename},minipool.pid={os.getpid()}" in comment
     assert list(pool.map(helpers.double, range(300), chunksize=7)) == [2 * i for i in range(300)]
@@ -203,7 +206,7 @@ print(json.dumps({{"allocation": os.environ["SLURM_JOB_ID"], "steps_left": steps
 
 
 def test_inside_an_allocation_blocks_are_its_steps_and_all_run_at_once(on_slurm, tmp_path):
-    """salloc -N2 of two whole nodes (8 CPUs each): blocks=4 runs four steps at once
+    """salloc -N2 of two whole nodes: blocks=4 runs four steps at once
     (each task waits for the other three), submits no job, and leaves no step."""
     (tmp_path / "met").mkdir()
     code = IN_AN_ALLOCATION.format(image=on_slurm.image(), label=on_slurm.label, shared=str(tmp_path))
@@ -340,18 +343,18 @@ def test_a_partition_that_does_not_exist_is_named_at_once(on_slurm):
         on_slurm.pool(provider=Slurm(partition="nope"))
 
 
-def test_a_job_slurm_refuses_is_a_startup_error_with_what_srun_said(on_slurm):
+def test_a_job_slurm_refuses_is_a_startup_error_with_what_salloc_said(on_slurm):
     pool = on_slurm.pool(provider=Slurm(options=["--constraint=nope"]))
-    with pytest.raises(StartupError, match=r"(?s)cannot start a block on charliecloud on Slurm \(the command line: "
-                                           r"srun .* --constraint=nope .*\): srun ended \(exit code 1\) before its "
-                                           r"job ran; it said:\n.*Invalid feature specification"):
+    with pytest.raises(StartupError, match=r"(?s)cannot start a block on charliecloud on Slurm \(the command lines: "
+                                           r"salloc .* --constraint=nope sh -c .* and srun .*\): salloc ended \(exit "
+                                           r"code 1\) before its job ran; it said:\n.*Invalid feature specification"):
         pool.submit(helpers.double, 1).result(DEADLOCK)
 
 
-def test_no_srun_is_a_startup_error_naming_the_command_line(on_slurm, monkeypatch, tmp_path):
+def test_no_slurm_client_is_a_startup_error_naming_the_command_lines(on_slurm, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(StartupError, match=r"cannot run charliecloud on Slurm \(the command line: srun --unbuffered "
-                                           r".* ch-run .*\): no srun on PATH"):
+    with pytest.raises(StartupError, match=r"cannot run charliecloud on Slurm \(the command lines: salloc --nodes=1 "
+                                           r".* and srun --unbuffered .* ch-run .*\): no salloc or srun on PATH"):
         on_slurm.pool()
 
 
