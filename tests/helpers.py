@@ -323,6 +323,12 @@ def block_at_gate(path):
     return block()
 
 
+def step_at_gate(path):
+    """Where the task ran under Slurm, (job, step, node), once the test opens the gate `path`."""
+    wait_for_file(path)
+    return os.environ["SLURM_JOB_ID"], os.environ["SLURM_STEP_ID"], os.environ["SLURMD_NODENAME"]
+
+
 def hostname_at_gate(path):
     """The container's hostname (its short id), once the test opens the gate `path`."""
     wait_for_file(path)

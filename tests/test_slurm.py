@@ -168,6 +168,126 @@ def test_a_block_is_named_by_its_job_step_and_node_and_the_wrappers_line_is_no_o
     assert all(re.match(rf"Slurm job {job_id}, step 0, node n\d: ", line) for line in worker_lines)
 
 
+# --------------------------------------------------------------------------- blocks of several nodes
+
+
+def steps(cluster, job_id):
+    """The job's running steps, as JOB.STEP ids (the keeper's job has no other)."""
+    listed = cluster.run("squeue", "--steps", "--noheader", "--format=%i", "--jobs", job_id).stdout
+    return sorted(listed.split())
+
+
+def meeting(pool, tmp_path, count):
+    """(job, step, node) of `count` tasks that ran at once, each on a stub of its own."""
+    directory = tmp_path / f"met-{time.monotonic_ns()}"
+    directory.mkdir()
+    return list(pool.map(helpers.meet, [f"/shared/{directory.name}"] * count, [count] * count))
+
+
+@pytest.mark.parametrize("exclusive, spread", [(True, 4), (False, 2)], ids=["whole nodes", "shared"])
+def test_a_block_of_two_nodes_is_one_job_with_a_stub_on_each(on_slurm, tmp_path, exclusive, spread):
+    """blocks=2, nodes_per_block=2 on four idle nodes: two jobs of two nodes each, a
+    stub on every node. Taking whole nodes (the default) they use all four; sharing
+    them, Slurm packs both jobs on two."""
+    pool = on_slurm.pool(blocks=2, provider=Slurm(nodes_per_block=2, exclusive=exclusive), **sharing(tmp_path))
+    met = meeting(pool, tmp_path, 4)
+    jobs = {job for job, _, _ in met}
+    assert len(jobs) == 2 and set(on_slurm.blocks()) == jobs
+    for job in jobs:
+        assert job_of(on_slurm.cluster, job, "NumNodes") == "2"
+        assert len({node for of, _, node in met if of == job}) == 2  # a stub a node
+    assert len({node for _, _, node in met}) == spread
+
+
+def test_a_step_that_ends_is_replaced_in_its_job_and_the_other_node_keeps_its_task(on_slurm, tmp_path):
+    pool = on_slurm.pool(provider=Slurm(nodes_per_block=2), retries=1, **sharing(tmp_path))
+    (job,) = {job for job, _, _ in meeting(pool, tmp_path, 2)}
+    running = [pool.submit(helpers.step_at_gate, GATE) for _ in range(2)]
+    wait_until(lambda: all(future.running() for future in running), what="a task on each node")
+    ended, kept = steps(on_slurm.cluster, job)
+    assert on_slurm.cluster.run("scancel", ended).returncode == 0
+    wait_until(lambda: len(steps(on_slurm.cluster, job)) == 2 and ended not in steps(on_slurm.cluster, job),
+               what="a new step in the job in place of the ended one")
+    (tmp_path / "gate").touch()
+    results = [future.result(DEADLOCK) for future in running]
+    assert {of for of, _, _ in results} == {job} == set(on_slurm.blocks())  # no new job
+    ran_in = [f"{of}.{step}" for of, step, _ in results]
+    assert ended not in ran_in and kept in ran_in  # the lost task ran again, the other one where it was
+    assert kept in steps(on_slurm.cluster, job)  # the other node's stub was never touched
+
+
+def test_a_task_past_task_timeout_ends_its_step_alone(on_slurm, tmp_path):
+    pool = on_slurm.pool(provider=Slurm(nodes_per_block=2), task_timeout=2, **sharing(tmp_path))
+    (job,) = {job for job, _, _ in meeting(pool, tmp_path, 2)}
+    before = steps(on_slurm.cluster, job)
+    with pytest.raises(TimeoutError):
+        pool.submit(time.sleep, 300).result(DEADLOCK)
+    def replaced():
+        now = steps(on_slurm.cluster, job)
+        return len(now) == 2 and len(set(now) - set(before)) == 1
+
+    wait_until(replaced, what="the late task's step to end and a new one to take its place")
+    after = steps(on_slurm.cluster, job)
+    assert len(set(before) & set(after)) == 1  # the other node's step lives on
+    assert sorted(f"{of}.{step}" for of, step, _ in meeting(pool, tmp_path, 2)) == after
+
+
+def test_a_node_set_down_ends_its_blocks_job_and_its_tasks_run_again(on_slurm, tmp_path, caplog):
+    """Slurm ends a job whose node fails (its default): the block's two stubs are lost
+    together, their tasks run again (retries=1) and a new job replaces the block."""
+    caplog.set_level(logging.INFO, logger="minipool")
+    cluster = on_slurm.cluster
+    pool = on_slurm.pool(blocks=2, provider=Slurm(nodes_per_block=2), retries=1, **sharing(tmp_path))
+    meeting(pool, tmp_path, 4)
+    running = [pool.submit(helpers.step_at_gate, GATE) for _ in range(4)]
+    wait_until(lambda: all(future.running() for future in running), what="a task on every node")
+    failed = job_of_node(cluster, "n3")
+    try:
+        set_nodes(cluster, "n3", "down")
+        wait_until(lambda: failed not in on_slurm.blocks() and len(on_slurm.blocks()) == 2,
+                   what="a new job in place of the failed one")
+        (tmp_path / "gate").touch()
+        results = [future.result(DEADLOCK) for future in running]
+    finally:
+        set_nodes(cluster, "n3", "resume")
+    assert not [result for result in results if result[0] == failed]  # its two tasks ran again elsewhere
+    assert f"Slurm job {failed} has ended (salloc: error: Node failure on n3)" in caplog.text
+
+
+def job_of_node(cluster, node):
+    """The id of the job that runs on the node."""
+    listed = cluster.run("squeue", "--noheader", "--format=%i", f"--nodelist={node}").stdout
+    (job_id,) = listed.split()
+    return job_id
+
+
+def test_an_elastic_pool_cancels_a_queued_job_no_work_waits_for(on_slurm, tmp_path, caplog):
+    """Three nodes drained, so that a second whole-node job waits in the queue: once
+    the first block has done the work, nothing waits for the second, which is cancelled."""
+    caplog.set_level(logging.INFO, logger="minipool")
+    cluster = on_slurm.cluster
+    pool = on_slurm.pool(blocks=1, min_blocks=1, max_blocks=2, idle_timeout=1, **sharing(tmp_path))
+    (first,) = {pool.submit(helpers.block).result(DEADLOCK)}
+    free = ",".join(node for node in ("n1", "n2", "n3", "n4") if node != job_of(cluster, first, "NodeList"))
+    try:
+        set_nodes(cluster, free, "drain")
+        running = [pool.submit(helpers.block_at_gate, GATE) for _ in range(2)]
+        wait_until(lambda: len(on_slurm.blocks()) == 2, what="a second job, queued")
+        (queued,) = set(on_slurm.blocks()) - {first}
+        wait_until(lambda: f"Slurm job {queued} is queued" in caplog.text, what="the log to say it is queued")
+        (tmp_path / "gate").touch()
+        assert [future.result(DEADLOCK) for future in running] == [first, first]
+        wait_until(lambda: on_slurm.blocks() == [first], what="the queued job to be cancelled")
+    finally:
+        set_nodes(cluster, free, "resume")
+
+
+def set_nodes(cluster, nodes, state):
+    """scontrol update of the nodes' state (down, drain: with a reason; resume)."""
+    reason = [] if state == "resume" else ["reason=minipool-test"]
+    assert cluster.run("scontrol", "update", f"nodename={nodes}", f"state={state}", *reason).returncode == 0
+
+
 IN_AN_ALLOCATION = """
 import json, logging, os, subprocess, sys, time
 import helpers
