@@ -1224,6 +1224,7 @@ class _SlurmJob(_Allocation):
 
     def _follow(self) -> None:
         assert self.process.stderr is not None
+        revoked = False
         for raw in self.process.stderr:
             line = raw.decode("utf-8", "replace").rstrip()
             job = _SALLOC_JOB.search(line)
@@ -1235,12 +1236,14 @@ class _SlurmJob(_Allocation):
                 _logger.info("pool %s: Slurm job %s is queued; startup_timeout counts from when it runs",
                              self._label, self.id)
             elif _SALLOC_REVOKED in line:
-                _logger.info("pool %s: Slurm job %s has ended (%s)", self._label, self.id,
-                             self.said[-1] if self.said else "cancelled")
+                revoked = True
                 self.ended.set()
             else:
                 self.said.append(line)
         self.ended.set()
+        if revoked:  # salloc's why (a node's failure) may come after the line that says so
+            _logger.info("pool %s: Slurm job %s has ended: %s", self._label, self.id,
+                         "; ".join(self.said) or "cancelled")
 
     def wait_granted(self, closing: Callable[[float], bool], description: str) -> bool:
         """Wait while the job is queued; False if the pool gives up first, StartupError if Slurm refuses it."""

@@ -251,7 +251,7 @@ def test_a_node_set_down_ends_its_blocks_job_and_its_tasks_run_again(on_slurm, t
     finally:
         set_nodes(cluster, "n3", "resume")
     assert not [result for result in results if result[0] == failed]  # its two tasks ran again elsewhere
-    assert f"Slurm job {failed} has ended (salloc: error: Node failure on n3)" in caplog.text
+    assert f"Slurm job {failed} has ended: salloc: error: Node failure on n3" in caplog.text
 
 
 def job_of_node(cluster, node):
@@ -283,9 +283,11 @@ def test_an_elastic_pool_cancels_a_queued_job_no_work_waits_for(on_slurm, tmp_pa
 
 
 def set_nodes(cluster, nodes, state):
-    """scontrol update of the nodes' state (down, drain: with a reason; resume)."""
+    """scontrol update of the nodes' state (down, drain: with a reason; resume, which
+    a node that came back by itself (ReturnToService) refuses)."""
     reason = [] if state == "resume" else ["reason=minipool-test"]
-    assert cluster.run("scontrol", "update", f"nodename={nodes}", f"state={state}", *reason).returncode == 0
+    done = cluster.run("scontrol", "update", f"nodename={nodes}", f"state={state}", *reason)
+    assert done.returncode == 0 or "Invalid node state specified" in done.stderr, done.stderr
 
 
 IN_AN_ALLOCATION = """
