@@ -226,7 +226,8 @@ def test_a_task_past_task_timeout_ends_its_step_alone(on_slurm, tmp_path):
         now = steps(on_slurm.cluster, job)
         return len(now) == 2 and len(set(now) - set(before)) == 1
 
-    wait_until(replaced, what="the late task's step to end and a new one to take its place")
+    # Within seconds: a killed srun's step not cancelled lives on for half a minute.
+    wait_until(replaced, timeout=15, what="the late task's step to end and a new one to take its place")
     after = steps(on_slurm.cluster, job)
     assert len(set(before) & set(after)) == 1  # the other node's step lives on
     assert sorted(f"{of}.{step}" for of, step, _ in meeting(pool, tmp_path, 2)) == after
@@ -252,6 +253,7 @@ def test_a_node_set_down_ends_its_blocks_job_and_its_tasks_run_again(on_slurm, t
         set_nodes(cluster, "n3", "resume")
     assert not [result for result in results if result[0] == failed]  # its two tasks ran again elsewhere
     assert f"Slurm job {failed} has ended: salloc: error: Node failure on n3" in caplog.text
+    assert "failed to start" not in caplog.text  # no step was tried in the ended job
 
 
 def job_of_node(cluster, node):
