@@ -23,6 +23,7 @@ from conftest import DEADLOCK
 from conftest import ROOT
 from conftest import TESTS
 from conftest import holds
+from conftest import processes_using
 from conftest import read_lines
 from conftest import start_script
 from conftest import wait_until
@@ -41,7 +42,8 @@ def test_a_block_is_a_job_salloc_holds_of_its_nodes_a_task_of_its_workers_cores_
     assert minipool._salloc_argv(slurm, "app1", "abc123", 4) == [
         "salloc", "--nodes=3", "--ntasks-per-node=1", "--cpus-per-task=4", "--exclusive", "--job-name=minipool-app1",
         f"--comment=minipool.host={os.uname().nodename},minipool.pid={os.getpid()},minipool.executor=abc123",
-        "--partition=debug", "--time=01:00:00", "--account=proj", "--mem=4G", "sh", "-c", minipool._KEEPER,
+        "--partition=debug", "--time=01:00:00", "--account=proj", "--mem=4G",
+        sys.executable, "-I", "-c", minipool._KEEPER, str(minipool._HOST_SILENCE),
     ]
     assert "--exclusive" not in minipool._salloc_argv(Slurm(exclusive=False), "app1", "abc123", 4)
 
@@ -418,8 +420,8 @@ KILLED_CALLER = """
 import time
 import helpers
 from minipool import ContainerPoolExecutor, Slurm
-pool = ContainerPoolExecutor({image!r}, blocks=2, runtime="charliecloud", provider=Slurm(), label={label!r},
-                             ship=[helpers.__file__])
+pool = ContainerPoolExecutor({image!r}, blocks=2, runtime="charliecloud", provider=Slurm(nodes_per_block={nodes}),
+                             label={label!r}, ship=[helpers.__file__])
 running = [pool.submit(helpers.sleep_then, 60) for _ in range(2)]
 while not all(f.running() for f in running):
     time.sleep(0.01)
@@ -429,12 +431,12 @@ time.sleep(600)
 
 
 @contextlib.contextmanager
-def a_caller_running_two_tasks(on_slurm, tmp_path):
-    """KILLED_CALLER, once its tasks run in two jobs; killed at the end. The blocks'
-    directories, which a killed caller cannot remove (the next pool on the host does:
-    test_runtimes), go to tmp_path instead of /tmp."""
+def a_caller_running_two_tasks(on_slurm, tmp_path, nodes=1):
+    """KILLED_CALLER, once its tasks run in two jobs of `nodes` nodes; killed at the end.
+    The blocks' directories, which a killed caller cannot remove (the next pool on the
+    host does: test_runtimes), go to tmp_path instead of /tmp."""
     (tmp_path / "tmp").mkdir()
-    code = KILLED_CALLER.format(image=on_slurm.image(), label=on_slurm.label)
+    code = KILLED_CALLER.format(image=on_slurm.image(), label=on_slurm.label, nodes=nodes)
     process = start_script(code, environment={"TMPDIR": str(tmp_path / "tmp")})
     try:
         assert read_lines(process, 1) == ["running\n"]
@@ -445,11 +447,24 @@ def a_caller_running_two_tasks(on_slurm, tmp_path):
         process.communicate()
 
 
-def test_a_caller_killed_with_sigkill_leaves_no_job(on_slurm, tmp_path):
-    with a_caller_running_two_tasks(on_slurm, tmp_path) as process:
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one node", "two nodes"])
+def test_a_caller_killed_with_sigkill_leaves_no_job_nor_stub(on_slurm, tmp_path, nodes):
+    """Its stubs see their stdin end, its salloc keepers theirs: every job ends."""
+    with a_caller_running_two_tasks(on_slurm, tmp_path, nodes) as process:
+        assert len(processes_using(str(tmp_path / "tmp"))) >= 2 * nodes  # a stub a node, on every node
         process.send_signal(signal.SIGKILL)
         process.wait(DEADLOCK)
-        wait_until(lambda: not on_slurm.blocks(), timeout=5, what="the killed caller's jobs to end")
+        wait_until(lambda: not on_slurm.blocks(), timeout=10, what="the killed caller's jobs to end")
+        wait_until(lambda: not processes_using(str(tmp_path / "tmp")), timeout=10, what="its stubs to end")
+
+
+def test_an_idle_pool_keeps_its_job_past_the_keepers_silence(on_slurm, monkeypatch):
+    """The keepalive thread tells each job's keeper, as each stub, that the caller is there."""
+    monkeypatch.setattr(minipool, "_HOST_SILENCE", 2.0)  # the keeper's, the stubs' and the keepalive's
+    pool = on_slurm.pool()
+    job = pool.submit(helpers.block).result(DEADLOCK)
+    holds(lambda: on_slurm.blocks() == [job], 5, "the job held while the pool is idle")
+    assert pool.submit(helpers.block).result(DEADLOCK) == job
 
 
 @pytest.mark.slow
@@ -470,7 +485,7 @@ def test_a_partition_that_does_not_exist_is_named_at_once(on_slurm):
 def test_a_job_slurm_refuses_is_a_startup_error_with_what_salloc_said(on_slurm):
     pool = on_slurm.pool(provider=Slurm(options=["--constraint=nope"]))
     with pytest.raises(StartupError, match=r"(?s)cannot start a block on charliecloud on Slurm \(the command lines: "
-                                           r"salloc .* --constraint=nope sh -c .* and srun .*\): salloc ended \(exit "
+                                           r"salloc .* --constraint=nope .* -I ... and srun .*\): salloc ended \(exit "
                                            r"code 1\) before its job ran; it said:\n.*Invalid feature specification"):
         pool.submit(helpers.double, 1).result(DEADLOCK)
 
