@@ -1419,6 +1419,21 @@ def _squeue() -> str:
     return _slurm("squeue", "--noheader", f"--user={getpass.getuser()}", "--format=%i %T %V %k %j")
 
 
+def _slurm_steps() -> dict[str, list[tuple[str, str]]]:
+    """This user's running steps by their job's id, each (JOB.STEP, node); none (and a
+    warning) if squeue fails."""
+    try:
+        listed = _slurm("squeue", "--steps", "--noheader", f"--user={getpass.getuser()}", "--format=%i %N")
+    except StartupError as exc:
+        _logger.warning("could not list Slurm's steps: %s", exc)
+        return {}
+    steps: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for line in listed.splitlines():
+        step, node = line.split()
+        steps[step.partition(".")[0]].append((step, node))
+    return steps
+
+
 def _parse_jobs(listed: str) -> list[_Job]:
     """The jobs of squeue's lines (_squeue) that minipool submitted: those whose comment
     has our labels, but the allocation the caller runs in (say, the job of another
@@ -3817,11 +3832,15 @@ def _on_slurm(command: str, remove_all: bool) -> bool:
         print(f"minipool: {exc}", file=sys.stderr)
         return True
     failed = False
+    steps = _slurm_steps() if command == "ps" else {}
     for job in _parse_jobs(jobs):
         labels = job.labels
         owner = _owner_text(labels)
+        label = job.name.removeprefix("minipool-")
         if command == "ps":
-            _ps_row("slurm", job.id, job.state, _age(job.submitted), owner, labels, job.name.removeprefix("minipool-"))
+            _ps_row("slurm", job.id, job.state, _age(job.submitted), owner, labels, label)
+            for step, node in steps.get(job.id, []):  # a stub each
+                _ps_row(f"slurm, node {node}", step, "RUNNING", _age(job.submitted), owner, labels, label)
         elif remove_all or _owner(labels) == "gone":
             try:
                 _slurm("scancel", job.id)

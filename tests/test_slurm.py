@@ -523,6 +523,20 @@ def test_ps_lists_and_cleanup_cancels_a_dead_callers_jobs(slurm):
     wait_until(lambda: not slurm.jobs(), what="the orphan to be cancelled")
 
 
+def test_ps_lists_a_blocks_job_and_its_step_on_each_node(on_slurm, tmp_path):
+    pool = on_slurm.pool(provider=Slurm(nodes_per_block=2), **sharing(tmp_path))
+    met = meeting(pool, tmp_path, 2)
+    listed = subprocess.run([sys.executable, "-m", "minipool", "--slurm", "ps"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=DEADLOCK)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()]
+    (job,) = {job for job, _, _ in met}
+    (job_row,) = [row for row in rows if row[:2] == ["slurm", job]]
+    assert job_row[2] == "RUNNING" and "alive" in job_row and on_slurm.label in job_row
+    step_rows = sorted(row[:4] for row in rows if row[3].startswith(f"{job}."))
+    assert step_rows == sorted(["slurm,", "node", node, f"{job}.{step}"] for _, step, node in met)
+
+
 def test_a_new_pool_cancels_the_jobs_dead_callers_left(on_slurm):
     job_id = queue_a_job_of_a_dead_caller(on_slurm.cluster)
     pool = on_slurm.pool(blocks=0)
