@@ -1,11 +1,14 @@
 """The seed's workflow (examples/workflow.py) on a Slurm cluster: every block a Slurm job running Charliecloud.
 
-    python examples/slurm.py [--partition P] [--time T] [--images APP1_DIR APP2_DIR] [--fan-out 4]
+    python examples/slurm.py [--partition P] [--time T] [--nodes-per-block N] [--images APP1_DIR APP2_DIR]
+                             [--fan-out 4]
 
-provider=minipool.Slurm(...) runs each block's command, `ch-run IMAGE_DIR -- python3 ...`,
-under srun, as a job of one task with as many cores as the block has workers; the
-pools start no job until work comes (blocks=0) and cancel the jobs when done. It
-prints what examples/workflow.py prints, and where each call ran on stderr.
+provider=minipool.Slurm(...) makes each block a Slurm job of N whole nodes, and runs
+`ch-run IMAGE_DIR -- python3 ...` on each node as a step of it, with as many cores as
+it has workers; the pools start no job until work comes (blocks=0) and end their
+jobs when done. Inside an allocation (examples/slurm_batch.sh, run by sbatch) the
+blocks are its steps instead. It prints what examples/workflow.py prints, and where
+each call ran on stderr.
 
 It needs a Slurm cluster that srun, sinfo, squeue and scancel reach (SLURM_CONF, as
 for srun), ch-run on its nodes, and the image directories where the nodes see them
@@ -34,6 +37,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--partition", help="the jobs' partition (default: the cluster's default)")
     parser.add_argument("--time", default="00:10:00", help="each job's time limit (default: 00:10:00)")
+    parser.add_argument("--nodes-per-block", type=int, default=1, help="nodes in each block's job (default: 1)")
     parser.add_argument("--images", nargs=2, metavar=("APP1_DIR", "APP2_DIR"),
                         help="Charliecloud image directories of app1_v0.1 and app2_v0.1 (default: made from them)")
     parser.add_argument("--fan-out", type=int, default=4, help="how many Y tasks (default: 4)")
@@ -48,7 +52,7 @@ def main():
         except build.ImageBuildError as exc:
             sys.exit(f"slurm example: {exc}")
         images = {name: str(path) for name, path in made.items()}
-    slurm = minipool.Slurm(partition=args.partition, time=args.time)
+    slurm = minipool.Slurm(partition=args.partition, time=args.time, nodes_per_block=args.nodes_per_block)
     try:
         workflow.run(args.fan_out, None, images, "charliecloud", provider=slurm)
     except minipool.StartupError as exc:

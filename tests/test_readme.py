@@ -73,6 +73,10 @@ SHELL_SKIPPED = {
     "python -m minipool --slurm cleanup": "cancels other runs' jobs: tests/test_slurm.py runs it on a dead caller's",
     "python tests/slurm_cluster.py python examples/slurm.py": "starts a cluster of its own beside the session's: "
     "tests/test_slurm.py runs examples/slurm.py on the session's cluster, and .ci/run the benchmark this way",
+    "python tests/slurm_cluster.py sbatch": "starts a cluster of its own beside the session's: the sbatch command "
+    "below it runs on the session's",
+    'exec python examples/slurm.py "$@"': "the batch script's own line (examples/slurm_batch.sh, whose lines "
+    "test_the_batch_script_is_the_examples checks): sbatch runs it",
 }
 
 
@@ -114,7 +118,7 @@ def needs_charliecloud(code):
 
 def with_slurm(code, env, request):
     """`env` for a block that needs a Slurm cluster (the session's, conftest's slurm_cluster), else as it is."""
-    if "Slurm(" not in code and "--slurm" not in code:
+    if "Slurm(" not in code and "--slurm" not in code and "sbatch" not in code:
         return env
     return {**env, **request.getfixturevalue("slurm").environment()}
 
@@ -357,8 +361,14 @@ def engine_answers(done, engine, since, pid):
     pass  # the loop ended, with status 0: `docker info` answered
 
 
+def workflow_printed(done, engine, since, pid):
+    assert done.stdout == WORKFLOW_STDOUT  # the batch job's, in its --output file
+
+
 # Shell commands run here, with what they must do.
 SHELL_CHECKS = {
+    "sbatch --wait examples/slurm_batch.sh": engine_answers,  # its status is the job's; cat shows what it printed
+    "cat workflow.out": workflow_printed,
     "examples/run.sh demo": demo_prints_the_seeds_results,
     "python examples/workflow.py --cache results/": workflow_runs,
     "python -m minipool ps": ps_lists,
@@ -389,6 +399,14 @@ def test_shell_block_runs(start, code, images, engine, shell_env, request):
         assert "Traceback" not in done.stderr, done.stderr
         SHELL_CHECKS[command](done, engine, since, pid)
         assert_no_block_left(env)
+
+
+def test_the_batch_script_is_the_examples():
+    """The README's batch script is examples/slurm_batch.sh but for its leading comments."""
+    (block,) = [code for _, code in blocks_in("sh") if code.startswith("#!/bin/sh\n#SBATCH")]
+    with open(os.path.join(ROOT, "examples", "slurm_batch.sh")) as file:
+        lines = file.read().splitlines()
+    assert block.splitlines() == lines[:1] + [line for line in lines[1:] if line.startswith(("#SBATCH", "exec"))]
 
 
 def test_no_engine_is_one_message_naming_the_socket(shell_env):
