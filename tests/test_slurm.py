@@ -1,4 +1,4 @@
-"""Blocks as Slurm jobs (issue 11): provider=minipool.Slurm(...), on a real four-node
+"""Blocks as Slurm jobs (issues 11, 21): provider=minipool.Slurm(...), on a real four-node
 cluster of the session's own (conftest's slurm_cluster) with Charliecloud inside it.
 
 After every test no job of it may be left in the queue (the slurm fixture), nor a
@@ -332,8 +332,8 @@ print(json.dumps({{"allocation": os.environ["SLURM_JOB_ID"], "steps_left": steps
 
 
 def test_inside_an_allocation_blocks_are_its_steps_and_all_run_at_once(on_slurm, tmp_path):
-    """salloc -N2 of two whole nodes: blocks=4 runs four steps at once
-    (each task waits for the other three), submits no job, and leaves no step."""
+    """salloc -N2 of two whole nodes: blocks=4 runs four steps at once (each task waits
+    for the other three), two on each node, submits no job, and leaves no step."""
     (tmp_path / "met").mkdir()
     code = IN_AN_ALLOCATION.format(image=on_slurm.image(), label=on_slurm.label, shared=str(tmp_path))
     # The allocation carries the labels of a dead caller's block, as the job of a block
@@ -352,7 +352,8 @@ def test_inside_an_allocation_blocks_are_its_steps_and_all_run_at_once(on_slurm,
     allocation = end["allocation"]
     assert {job for job, _, _ in met} == {allocation}  # no job of its own: steps of the allocation
     assert len({step for _, step, _ in met}) == 4
-    assert {node for _, _, node in met} <= {"n1", "n2", "n3", "n4"}
+    nodes = [node for _, _, node in met]
+    assert len(set(nodes)) == 2 and nodes.count(nodes[0]) == 2  # spread: two steps on each of its nodes
     assert end["steps_left"] == end["late"] == [], end
     for blocked in ("step creation temporarily disabled", "can't run 1 processes"):
         assert blocked not in done.stderr
