@@ -568,6 +568,10 @@ class _Placement:
         a scheduler's launcher (_Srun) has anything to wait for: a job in its queue."""
         return True
 
+    def keep_alive(self) -> None:
+        """Tell what holds the launcher's blocks, besides their stubs, that the caller
+        is there: only a scheduler's launcher (_Srun) has such a thing, its jobs."""
+
 
 # channel=: how the tasks reach a container made through an engine.
 _CHANNELS = ("auto", "socket", "attach")
@@ -1134,8 +1138,10 @@ def _open_command(
 # keeps it out of the block's stderr.
 _SRUN_WRAPPER = 'echo "minipool: Slurm job $SLURM_JOB_ID step $SLURM_STEP_ID runs on $SLURMD_NODENAME" >&2 && exec "$@"'
 _STEP_RUNS = re.compile(rb"minipool: Slurm job (\d+) step (\d+) runs on (\S+)")
-# salloc's command, on this host: it reads the caller's pipe until it ends.
-_KEEPER = "exec cat >/dev/null"
+# salloc's command, on this host: it holds the job while the caller's pipe to it is
+# open and not silent (the pool's keepalive thread writes a byte every _HOST_SILENCE / 6),
+# so that a killed caller's job ends at once, and a frozen one's once its stubs have.
+_KEEPER = "import os, select, sys\nwhile select.select([0], [], [], float(sys.argv[1]))[0] and os.read(0, 99): pass"
 # What salloc says of its job on its stderr.
 _SALLOC_JOB = re.compile(r"salloc: (Pending|Granted) job allocation (\d+)")
 _SALLOC_QUEUED = "queued and waiting for resources"
@@ -1160,7 +1166,7 @@ def _salloc_argv(slurm: Slurm, label: str, pool_id: str, workers: int) -> list[s
         "salloc", f"--nodes={slurm.nodes_per_block}", "--ntasks-per-node=1", f"--cpus-per-task={workers}",
         *(["--exclusive"] if slurm.exclusive else []), f"--job-name=minipool-{label}", f"--comment={_comment(pool_id)}",
         *[f"{flag}={value}" for flag, value in chosen if value is not None], *slurm.options,
-        "sh", "-c", _KEEPER,
+        sys.executable, "-I", "-c", _KEEPER, str(_HOST_SILENCE),
     ]
 
 
@@ -1198,6 +1204,9 @@ class _Allocation:
     def wait_granted(self, closing: Callable[[float], bool], description: str) -> bool:
         return True
 
+    def keep_alive(self) -> None:
+        pass  # the caller's
+
     def let_go(self) -> None:
         pass  # the caller's
 
@@ -1211,12 +1220,16 @@ class _SlurmJob(_Allocation):
         self.granted.clear()
         self.said: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)  # to explain a refusal
         self._label = label
+        self._pipe_lock = threading.Lock()  # a keepalive never writes to the pipe's closed descriptor, reused
         # SIGPIPE stays ignored, as in Python (restore_signals=False): salloc writes to
         # its stderr as it lets the job go, and a caller killed by then must not kill it first.
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True, restore_signals=False,
-        )
+        try:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                start_new_session=True, restore_signals=False,
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot run {shlex.join(argv[:-3])} ...: {exc.strerror}") from _bare(exc)
         threading.Thread(target=self._follow, name=f"minipool-{label}-salloc-{self.process.pid}", daemon=True).start()
 
     def free_node(self) -> int | None:
@@ -1257,12 +1270,19 @@ class _SlurmJob(_Allocation):
                 return False
         return True
 
+    def keep_alive(self) -> None:
+        """Tell the keeper that the caller is there."""
+        assert self.process.stdin is not None
+        with self._pipe_lock, contextlib.suppress(OSError, ValueError):  # ended, or closed
+            os.write(self.process.stdin.fileno(), b"\0")
+
     def let_go(self) -> None:
         """End the job: a running one salloc lets go once the keeper's pipe is closed,
         a queued one it cancels when terminated."""
         self.ended.set()
         assert self.process.stdin is not None
-        self.process.stdin.close()
+        with self._pipe_lock:
+            self.process.stdin.close()
         if not self.granted.is_set():
             self.process.terminate()
         try:
@@ -1284,7 +1304,9 @@ class _Srun(_Command):
         allocation: _Allocation | None,
     ) -> None:
         super().__init__(name, argv, environment)
-        self.description = f"{name} (the command lines: {shlex.join(job_argv)} and {shlex.join(argv[:-2])} ...)"
+        # Up to the keeper's code and the stub's bootstrap.
+        lines = f"{shlex.join(job_argv[:-3])} ... and {shlex.join(argv[:-2])} ..."
+        self.description = f"{name} (the command lines: {lines})"
         self._job_argv = job_argv
         self._nodes = nodes
         self.allocation = allocation
@@ -1331,6 +1353,12 @@ class _Srun(_Command):
 
     def _open_channel(self, process: subprocess.Popen, name: str, tmpdir: str) -> _PipeChannel:
         return _SrunChannel(process, name, tmpdir)
+
+    def keep_alive(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.keep_alive()
 
     def running(self, container: _Container, closing: Callable[[float], bool]) -> bool:
         """Wait until the step runs (in an allocation, it may wait for cores); False if
@@ -2714,13 +2742,15 @@ class _Pool:
             self._changed.notify_all()
 
     def _keep_alive(self) -> None:
-        """Until the pool is finished, tell its containers now and then that the host
-        is there (worker_stub.Channel)."""
+        """Until the pool is finished, tell its containers (worker_stub.Channel) and
+        its Slurm jobs' keepers now and then that the host is there."""
         while not self._finished_event.wait(_HOST_SILENCE / 6):
             with self._lock:
                 containers = list(self._containers)
             for container in containers:
                 container.keep_alive()
+            for launcher in self._starter.launchers:
+                launcher.keep_alive()
 
     # -- scaling
 
