@@ -673,6 +673,9 @@ class SlurmRuntime(CommandRuntime):
     def options(self):
         import minipool
 
+        # Slurm()'s defaults, whole nodes (exclusive=True): no test of the suites holds more
+        # blocks at once than the cluster's four nodes (max_blocks=4 at most), so none waits
+        # in the queue for a node.
         return {"runtime": "charliecloud", "provider": minipool.Slurm()}
 
     def blocks(self):
