@@ -701,8 +701,8 @@ class SlurmRuntime(CommandRuntime):
         self.cluster.run("scancel", block)
 
     def left(self):
-        """As a command runtime's, and the processes of the test's jobs on the nodes:
-        slurmstepd runs them apart from srun's session (their parent is init)."""
+        """As a command runtime's, and the processes of the test's jobs on the nodes,
+        which slurmstepd (a child of init, not of srun) runs outside srun's session."""
         processes_left, directories = super().left()
         ours = os.fsencode(f"\0SLURM_JOB_NAME=minipool-{self.label}\0")
         for pid in filter(str.isdigit, os.listdir("/proc")):
