@@ -1369,7 +1369,8 @@ class _Srun(_Command):
                 raise self._refused(container)
             if closing(0):
                 return False
-        container.rename(f"Slurm job {channel.job}, step {channel.step}, node {channel.node}")
+        container.rename(f"Slurm job {channel.job}, step {channel.step}, node {channel.node}",
+                         f"{channel.job}.{channel.step}")  # as Slurm names a step: scancel, sacct take it
         return True
 
     def remove(self, container: _Container) -> None:
@@ -2041,10 +2042,13 @@ class _Container:
         """(exit code, OOM-killed) of the dead container, as its launcher tells them."""
         return self.launcher.exit(self)
 
-    def rename(self, name: str) -> None:
-        """Name it in messages and its log by what its launcher knows (a Slurm job, step and node)."""
+    def rename(self, name: str, container_id: str) -> None:
+        """Name it in messages and its log, and give it the id WorkerLost reports, by
+        what its launcher knows once it runs (a Slurm job, step and node; the step):
+        a process id of srun, on the caller's machine, tells a user nothing on a cluster."""
         _logger.debug("%s is %s", self.name, name)
         self.name = self.tag = name
+        self.id = self.short_id = container_id
 
     def log(self, level: int, message: str, *args: Any) -> None:
         """Log to minipool.worker, tagged with the container."""

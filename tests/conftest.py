@@ -342,8 +342,8 @@ def any_engine(request, engine):
 # Where the runtime-neutral tests run: the engine API (Docker, Podman), each on both
 # of its channels (a unix socket per container by default; "-attach": the attach
 # stream), and a runtime run as a command (Charliecloud's ch-run, each block a child
-# process of ours).
-RUNTIMES = ["docker", "docker-attach", "podman", "podman-attach", "charliecloud"]
+# process of ours), and Charliecloud under Slurm (each block a job of the tests' cluster).
+RUNTIMES = ["docker", "docker-attach", "podman", "podman-attach", "charliecloud", "slurm"]
 
 
 @pytest.fixture(scope="session")
@@ -401,8 +401,11 @@ def processes_using(directory):
     return found
 
 
-def processes():
-    """(pid, parent pid, session id) of every process, as /proc has them now."""
+def processes(orphaned_zombies=True):
+    """(pid, parent pid, session id) of every process, as /proc has them now. Without
+    orphaned_zombies, not those that have ended and wait for init to reap them (as
+    srun's helper process does once srun is gone): they are no process left running,
+    and this machine's init reaps them in its own time, up to seconds later."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -413,8 +416,9 @@ def processes():
         except OSError:
             continue  # it ended meanwhile
         # The command's name, in parentheses, may hold spaces: the fields start after it.
-        _state, ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
-        found.append((int(entry), int(ppid), int(session)))
+        state, ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
+        if orphaned_zombies or state != "Z" or int(ppid) == os.getpid():
+            found.append((int(entry), int(ppid), int(session)))
     return found
 
 
@@ -429,8 +433,12 @@ class Runtime:
     """A runtime as the tests see it. pool(...) is make_pool with the runtime's image
     and arguments filled in; blocks() lists the ids of the test's blocks there now
     (in any state); seen_as(id) is what helpers.block_after returns in that block;
-    kill(id) kills it from outside. close() shuts the pools down and proves that
-    nothing of them is left."""
+    kill(id) kills it from outside, and a block so killed dies of `killed_by`;
+    named(seen) is how the pool's messages name the block that helpers.block calls
+    `seen`; block_of(container_id) is the block a WorkerLost's container_id is in.
+    close() shuts the pools down and proves that nothing of them is left."""
+
+    killed_by = "SIGKILL"
 
     def __init__(self, name, make_pool, label):
         self.name = name
@@ -443,6 +451,13 @@ class Runtime:
 
     def options(self):
         return {}
+
+    def named(self, seen=r"\w+"):
+        """A regular expression: the block as the pool's messages name it."""
+        return f"container {seen}"
+
+    def block_of(self, container_id):
+        return container_id
 
     def pool(self, image=APP1, **options):
         options = {**self.options(), **options}
@@ -528,7 +543,7 @@ class CommandRuntime(Runtime):
     def left(self):
         """Processes of ours or of a block's session, block TMPDIRs: what must not outlive the pools."""
         processes_left = {
-            pid for pid, ppid, session in processes()
+            pid for pid, ppid, session in processes(orphaned_zombies=False)
             if (ppid == os.getpid() and pid not in self.before) or session in self.sessions
         }
         return processes_left, block_directories() - self.directories
@@ -640,7 +655,13 @@ def slurm(slurm_cluster):
 
 class SlurmRuntime(CommandRuntime):
     """Charliecloud under Slurm (provider=minipool.Slurm()): a block is a job, whose
-    id is the block's id; srun is a child of the test's, in a session of its own."""
+    id is the block's id; srun is a child of the test's, in a session of its own.
+    Of one node (Slurm()'s nodes_per_block=1), a job has one container, its step,
+    which the pool names by job, step and node, and whose container_id is JOB.STEP.
+    kill() is scancel: Slurm signals the job's steps with SIGTERM (SIGKILL follows
+    after the cluster's KillWait), and the stub dies of the first."""
+
+    killed_by = "SIGTERM"
 
     def __init__(self, name, make_pool, label, images, cluster):
         super().__init__(name, make_pool, label, images)
@@ -652,6 +673,9 @@ class SlurmRuntime(CommandRuntime):
     def options(self):
         import minipool
 
+        # Slurm()'s defaults, whole nodes (exclusive=True): no test of the suites holds more
+        # blocks at once than the cluster's four nodes (max_blocks=4 at most), so none waits
+        # in the queue for a node.
         return {"runtime": "charliecloud", "provider": minipool.Slurm()}
 
     def blocks(self):
@@ -665,8 +689,30 @@ class SlurmRuntime(CommandRuntime):
     def seen_as(self, block):
         return block  # helpers.block_after's SLURM_JOB_ID
 
+    def named(self, seen=r"\d+"):
+        return rf"Slurm job {seen}, step \d+, node n\d+"
+
+    def block_of(self, container_id):
+        job, step = container_id.split(".")
+        assert step.isdigit(), f"{container_id} is no job step"
+        return job
+
     def kill(self, block):
         self.cluster.run("scancel", block)
+
+    def left(self):
+        """As a command runtime's, and the processes of the test's jobs on the nodes,
+        which slurmstepd (a child of init, not of srun) runs outside srun's session."""
+        processes_left, directories = super().left()
+        ours = os.fsencode(f"\0SLURM_JOB_NAME=minipool-{self.label}\0")
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as environ:
+                    if ours in b"\0" + environ.read():
+                        processes_left.add(int(pid))
+            except OSError:  # gone meanwhile
+                continue
+        return processes_left, directories
 
     def close(self):
         """As a command runtime's, and no job may be left in the queue (the session's cluster is the tests' own)."""

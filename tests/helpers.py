@@ -190,13 +190,17 @@ def write_text(path, text):
         file.write(text)
 
 
-def wait_for_blocks(pool, count):
+def wait_for_blocks(pool, count, timeout=60):
     """Once `count` tasks at once run in `count` containers (every block is ready, host
-    side), the blocks they ran in (as block() names them)."""
+    side), the blocks they ran in (as block() names them); TimeoutError if they never
+    do within `timeout` (a block whose Slurm job waits in the queue for ever, say)."""
+    deadline = time.monotonic() + timeout
     while True:
-        blocks = {f.result() for f in [pool.submit(block_after, 0.5) for _ in range(count)]}
+        blocks = {f.result(timeout) for f in [pool.submit(block_after, 0.5) for _ in range(count)]}
         if len(blocks) == count:
             return blocks
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} tasks at once never ran in {count} blocks within {timeout} s: {blocks}")
 
 
 def noted(path, value):
