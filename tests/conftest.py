@@ -433,12 +433,14 @@ class Runtime:
     """A runtime as the tests see it. pool(...) is make_pool with the runtime's image
     and arguments filled in; blocks() lists the ids of the test's blocks there now
     (in any state); seen_as(id) is what helpers.block_after returns in that block;
-    kill(id) kills it from outside, and a block so killed dies of `killed_by`;
+    kill(id) kills it from outside, and a block so killed dies of `killed_by`; a
+    block leaves blocks() at most `lingers` seconds after its container is removed;
     named(seen) is how the pool's messages name the block that helpers.block calls
     `seen`; block_of(container_id) is the block a WorkerLost's container_id is in.
     close() shuts the pools down and proves that nothing of them is left."""
 
     killed_by = "SIGKILL"
+    lingers = 0
 
     def __init__(self, name, make_pool, label):
         self.name = name
@@ -662,6 +664,8 @@ class SlurmRuntime(CommandRuntime):
     after the cluster's KillWait), and the stub dies of the first."""
 
     killed_by = "SIGTERM"
+    # A block's job is let go once its block thread has released the step it removed.
+    lingers = 5
 
     def __init__(self, name, make_pool, label, images, cluster):
         super().__init__(name, make_pool, label, images)

@@ -41,10 +41,12 @@ def test_task_timeout_kills_and_replaces_only_that_container(any_runtime):
     quick = [pool.submit(helpers.sleep_then, 0.2, i) for i in range(4)]
     with pytest.raises(cf.TimeoutError, match=r"task_timeout=1\.5"):
         slow.result(DEADLOCK)
-    # The container is removed before the future fails: it is gone already, not
-    # left to end its 60 s sleep (which would hold its block _EXIT_GRACE seconds).
+    # The container is removed before the future fails: it is gone already (a Slurm
+    # block's job a moment after), not left to end its 60 s sleep (which would hold
+    # its block _EXIT_GRACE seconds).
+    wait_until(lambda: len(both - set(any_runtime.blocks())) == 1, timeout=any_runtime.lingers,
+               what="the timed-out task's container to be gone")
     gone = both - set(any_runtime.blocks())
-    assert len(gone) == 1, "the timed-out task's container is still there"
     (survivor,) = both - gone
     assert [f.result(DEADLOCK) for f in quick] == [0, 1, 2, 3]
     wait_until(lambda: len(any_runtime.blocks()) == 2, what="the killed container's replacement")
