@@ -1374,13 +1374,13 @@ class _Srun(_Command):
         return True
 
     def remove(self, container: _Container) -> None:
-        """Kill srun, and cancel its step: the step of a killed srun runs on for
-        seconds in a job that lives on. A step whose srun ended by itself has ended."""
+        """Cancel the stub's step, then kill srun: the step of a srun killed first runs
+        on for seconds in a job that lives on, holding its node (0.02 s this way, 2.7 s
+        that way, here). A step whose srun has ended has ended."""
         channel = self._srun_channel(container)
-        killed = channel.process.returncode is None
-        super().remove(container)
-        if channel.runs.is_set() and killed:
+        if channel.runs.is_set() and channel.process.poll() is None:
             _scancel_step(f"{channel.job}.{channel.step}")
+        super().remove(container)
 
     def release(self, container: _Container) -> None:
         super().release(container)
