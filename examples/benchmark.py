@@ -19,9 +19,24 @@ through a ch-run process's pipes, and each against the Docker pool's own figure.
 
 Where a Slurm cluster answers (SLURM_CONF set, srun on PATH), the Charliecloud pool
 with provider=minipool.Slurm() (each block a job) gets rows too: first result and 8
-blocks ready against as many bare `srun ch-run IMG -- python3 -c pass`, round trip
-and throughput against the local Charliecloud pool of the same run. On one machine,
-as root, with a one-node cluster of its own:
+blocks ready (these with exclusive=False: 8 blocks of a whole node each would not fit
+on 4 nodes) against as many bare `srun ch-run IMG -- python3 -c pass`, round trip and
+throughput against the local Charliecloud pool of the same run. On a cluster of four
+nodes or more (issue 21), also:
+- a block of 4 nodes (Slurm(nodes_per_block=4)), constructor to its 4 stubs ready,
+  against a bare `srun -N4 true` (target 2x) and `srun -N4 ch-run IMG -- python3 -c pass`;
+- the same part of this script (`--part first-result`: a pool of one block, its
+  constructor to first result and its no-op round trip) run in a process of its own
+  outside any allocation (each block a job) and inside `salloc -N2` (each stub a step
+  of that allocation), the one against the other;
+- 1,024 workers: 2 blocks of 2 nodes, 256 workers a node, run 20,000 tasks of 100 ms
+  (--quick: 16 workers a node, 640 tasks) in a process of its own (`--part
+  many-workers`): the makespan against the ideal (total work / workers, target 1.3x),
+  the caller's CPU a task against one core's budget at the ideal pace, the caller's
+  threads and peak RSS; a note under the table says how much memory the machine had
+  in use and how busy its CPUs were meanwhile.
+On one machine, as root, with a four-node cluster of its own (tests/slurm_cluster.py:
+n1..n4, each claiming 256 CPUs of the machine's own):
 
     python tests/slurm_cluster.py python examples/benchmark.py --quick
 """
@@ -631,10 +646,13 @@ def settle(nodes):
         time.sleep(0.05)
 
 
-def bare_srun_nodes_s(nodes):
-    """One bare `srun -N<nodes> true` (a job of `nodes` nodes, a task on each), on idle nodes."""
+def bare_srun_nodes_s(nodes, image_dir=None):
+    """One bare `srun -N<nodes> true` (a job of `nodes` nodes, a task on each), on idle
+    nodes; with an image, `srun -N<nodes> ch-run IMAGE_DIR -- python3 -c pass`."""
+    command = ["true"] if image_dir is None else ["ch-run", image_dir, "--", "python3", "-c", "pass"]
+    env = {**os.environ, "USER": os.environ.get("USER") or getpass.getuser()}
     settle(nodes)
-    return timed(lambda: subprocess.run(["srun", f"-N{nodes}", "true"], check=True))
+    return timed(lambda: subprocess.run(["srun", f"-N{nodes}", *command], env=env, check=True))
 
 
 def block_of_nodes_s(image_dir, nodes):
@@ -772,9 +790,11 @@ def slurm_rows(table, sizes, blocks, image_dir, charliecloud):
               "(python tests/slurm_cluster.py starts one of 4)", file=sys.stderr)
         return
     bare = median_of(sizes.per_task_runs, lambda: bare_srun_nodes_s(4)) * 1e3
+    pythons = median_of(sizes.per_task_runs, lambda: bare_srun_nodes_s(4, image_dir)) * 1e3
     ours = median_of(sizes.repeats, lambda: block_of_nodes_s(image_dir, 4)) * 1e3
-    table.add(on_slurm + "a block of 4 nodes: constructor to its 4 stubs ready", ours, "bare srun -N4 true", bare, 2,
-              False, "ms")
+    what = on_slurm + "a block of 4 nodes: constructor to its 4 stubs ready"
+    table.add(what, ours, "bare srun -N4 true", bare, 2, False, "ms")
+    table.add(what, ours, "bare srun -N4 ch-run IMG -- python3 -c pass", pythons, None, False, "ms")
 
     # The same part of the benchmark, run by itself outside any allocation and inside one.
     args = [sizes.repeats, sizes.round_trips]
@@ -949,7 +969,7 @@ def run(quick, image, image_dir):
             slurm_rows(table, sizes, blocks, image_dir, charliecloud_figures)
         else:
             print("benchmark: no Slurm rows: no SLURM_CONF or no srun (python tests/slurm_cluster.py python "
-                  "examples/benchmark.py starts a one-node cluster for the run)", file=sys.stderr)
+                  "examples/benchmark.py starts a four-node cluster for the run)", file=sys.stderr)
 
     table.add("shutdown of an idle 4-block pool", median_of(sizes.repeats, lambda: idle_shutdown_s(image)) * 1e3,
               "target", 500, 1, False, "ms")
