@@ -2743,8 +2743,9 @@ class _Pool:
         pool scaling up from no block starts at once, whatever the block's number (issue
         20), and so do all the nodes of its first block of several (Slurm): its job is
         granted whole, and its other nodes' steps have nothing to wait for (issue 21:
-        waiting for the first, a block of 4 nodes was ready 2.3-4.7 times as late as a
-        bare `srun -N4 true`, against 1.3-1.5 times with all four started at once)."""
+        with its last three steps started once the first was ready, a block of 4 nodes
+        was ready 2.9-3.5 times as late as a bare `srun -N4 true`, and 2.5-3.1 times with
+        all four started at once, on a 2-core machine where the four stubs' starts contend)."""
         # Counted and started, or neither: a Ctrl-C in submit() waits (see submit).
         with _CtrlCWaits():
             number = next(self._block_numbers)
