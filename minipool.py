@@ -340,6 +340,14 @@ def _cancel_queued(item: _WorkItem) -> None:
         item.future.set_running_or_notify_cancel()
 
 
+# signal.signal and signal.getsignal are Python wrappers that turn numbers and handlers
+# into Enums and back, 3-5 us a call: _CtrlCWaits made three of them, 13 us each time
+# submit() sent a task itself (issue 21: a third to all of 20,000 tasks when 1,024
+# workers ran 100 ms tasks, the caller spending 80-90 us a task in all). signal's own
+# _signal module has the same functions without them: 3.3 us.
+_c_signal: Any = getattr(signal, "_signal", signal)
+
+
 class _CtrlCWaits:
     """While the pool takes a task in the caller's main thread, a Ctrl-C waits: its
     handler runs once the pool has the task whole, or not at all (issue 20: cut
@@ -353,10 +361,10 @@ class _CtrlCWaits:
     def __enter__(self) -> _CtrlCWaits:
         self.came = False
         self.handler: Callable[[int, Any], Any] | None = None
-        handler = signal.getsignal(signal.SIGINT)
+        handler = _c_signal.getsignal(signal.SIGINT)
         if callable(handler) and threading.current_thread() is threading.main_thread():
             with contextlib.suppress(ValueError):  # a subinterpreter's main thread runs no handler
-                signal.signal(signal.SIGINT, self._note)
+                _c_signal.signal(signal.SIGINT, self._note)
                 self.handler = handler
         return self
 
@@ -366,7 +374,7 @@ class _CtrlCWaits:
     def __exit__(self, *exc_info: Any) -> None:
         handler, self.handler = self.handler, None
         if handler is not None:
-            signal.signal(signal.SIGINT, handler)
+            _c_signal.signal(signal.SIGINT, handler)
             if self.came:
                 handler(signal.SIGINT, sys._getframe(1))  # default_int_handler raises KeyboardInterrupt
 
@@ -2497,6 +2505,13 @@ class _Pool:
         self._finished_event = threading.Event()
         self._scale_up_after = 0.0  # no block is added before then (_SCALE_UP_PAUSE)
         self._containers: set[_Container] = set()  # ready, and taking tasks
+        # Each of them has a condition of its own (with _lock), which its block thread
+        # waits on for room (_next_tasks): an answer frees room in its own container alone,
+        # and a task queued while every container is full is for none of them. With every
+        # block thread waiting on _changed, each answer and each submit woke them all
+        # (issue 21: with 4 blocks of 256 workers, block threads that found nothing to do
+        # cost the caller 18-24 us a task).
+        self._rooms: dict[_Container, threading.Condition] = {}
         self._threads: list[threading.Thread] = []
         # Reader threads run the futures' callbacks: see join().
         self._readers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
@@ -2522,9 +2537,24 @@ class _Pool:
             # Block threads wait for room while work waits, and for an idle container
             # to retire, replace or let go; for nothing else an answer changes. Waking
             # them for every answer cost a one-at-a-time task a fifth of its round trip.
-            if self._pending or (not container.in_flight and self._idle_matters(container)):
-                self._changed.notify_all()
+            # The room is this container's: only its block thread may take the work.
+            if not container.in_flight and self._idle_matters(container):
+                self._notify_all()
+            elif self._pending and container in self._rooms:
+                self._rooms[container].notify()
         return item, timed_out
+
+    def _notify_all(self) -> None:
+        """Wake every thread waiting for the pool to change, block threads included (under the lock)."""
+        self._changed.notify_all()
+        for room in self._rooms.values():
+            room.notify_all()
+
+    def _offer(self) -> None:
+        """Wake the block threads whose containers have room for the first task waiting (under the lock)."""
+        for container, room in self._rooms.items():
+            if self._has_room(container, self._pending[0]):
+                room.notify()
 
     def _idle_matters(self, container: _Container) -> bool:
         """Whether its block thread acts when the container goes idle (under the lock)."""
@@ -2566,7 +2596,7 @@ class _Pool:
                     started = 0
                 self._pending.extendleft(reversed(items[started:]))
                 items = items[:started]
-            self._changed.notify_all()
+            self._notify_all()
         return items, suspects
 
     def retry(self, item: _WorkItem, lost: WorkerLost) -> bool:
@@ -2577,7 +2607,7 @@ class _Pool:
             item.attempts.append(lost)
             item.deadline = None
             self._pending.appendleft(item)
-            self._changed.notify_all()
+            self._notify_all()
         _logger.info("pool %s: running a lost task again (attempt %d)", self._label, len(item.attempts) + 1)
         return True
 
@@ -2599,6 +2629,7 @@ class _Pool:
                 self._pending.append(item)
                 self._scale_up()
                 self._changed.notify_all()
+                self._offer()
 
     def _send_at_once(self, item: _WorkItem, promised: Future | None) -> bool:
         """Send the task to an idle container from the caller's thread; False if none is idle."""
@@ -2617,7 +2648,7 @@ class _Pool:
                 task_id = self._assign(container, item)
                 assert task_id is not None  # the caller has not seen its future: none could cancel it
                 if item.deadline is not None:
-                    self._changed.notify_all()  # for its block thread to watch
+                    self._notify_all()  # for its block thread to watch
             self._send(container, [(task_id, item)])
         return True
 
@@ -2652,7 +2683,7 @@ class _Pool:
     def kept(self, future: Future) -> None:
         with self._lock:
             self._promised.discard(future)
-            self._changed.notify_all()
+            self._notify_all()
         self._finish_if_done()
 
     def shutdown(self, cancel_futures: bool = False) -> None:
@@ -2664,7 +2695,7 @@ class _Pool:
             promised = list(self._promised) if cancel_futures else []
             if cancel_futures:
                 self._pending = collections.deque(item for item in self._pending if item.running)
-            self._changed.notify_all()
+            self._notify_all()
         for item in cancelled:
             _cancel_queued(item)
         for future in promised:
@@ -2681,7 +2712,7 @@ class _Pool:
             containers = list(self._containers)
             queued = list(self._pending)
             self._pending.clear()
-            self._changed.notify_all()
+            self._notify_all()
         for item in queued:
             if item.running:
                 item.future.set_exception(error)
@@ -2710,6 +2741,7 @@ class _Pool:
         The lock may have been held by one of them at the fork: replace it."""
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        self._rooms = {}  # their conditions are of the lock replaced
         self._broken = BrokenContainerPool("this pool belongs to the process this one was forked from")
         self._finished = True  # nothing here to wait for
 
@@ -2725,7 +2757,7 @@ class _Pool:
                 self._broken = error
             waiting = list(self._pending)
             self._pending.clear()
-            self._changed.notify_all()
+            self._notify_all()
         for item in waiting:
             if item.running or item.future.set_running_or_notify_cancel():
                 item.future.set_exception(error)
@@ -2743,7 +2775,7 @@ class _Pool:
         _live_pools.discard(self)
         _logger.debug("pool %s: every block has stopped", self._label)
         with self._lock:
-            self._changed.notify_all()
+            self._notify_all()
 
     def _keep_alive(self) -> None:
         """Until the pool is finished, tell its containers (worker_stub.Channel) and
@@ -2760,12 +2792,17 @@ class _Pool:
 
     def _add_block(self) -> None:
         """Start a block thread (under the lock). It waits for another block to be ready
-        first (_FIRST_BLOCK_HEAD_START) only if there is one: a pool scaling up from no
-        block starts at once, whatever the block's number (issue 20)."""
+        first (_FIRST_BLOCK_HEAD_START) only if the pool has a whole block already: a
+        pool scaling up from no block starts at once, whatever the block's number (issue
+        20), and so do all the nodes of its first block of several (Slurm): its job is
+        granted whole, and its other nodes' steps have nothing to wait for (issue 21:
+        with its last three steps started once the first was ready, a block of 4 nodes
+        was ready 2.9-3.5 times as late as a bare `srun -N4 true`, and 2.5-3.1 times with
+        all four started at once, on a 2-core machine where the four stubs' starts contend)."""
         # Counted and started, or neither: a Ctrl-C in submit() waits (see submit).
         with _CtrlCWaits():
             number = next(self._block_numbers)
-            head_start = self._blocks > 0
+            head_start = self._blocks >= self._settings.block_size
             self._blocks += 1
             self._alive += 1
             thread = threading.Thread(
@@ -2773,7 +2810,7 @@ class _Pool:
             )
             self._threads.append(thread)
             thread.start()
-        self._changed.notify_all()
+        self._notify_all()
 
     def _scale_up(self) -> None:
         """Add a block while work waits that no idle or starting block will take (under
@@ -2877,7 +2914,8 @@ class _Pool:
         self._readers.add(container.reader)
         with self._lock:
             self._containers.add(container)
-            self._changed.notify_all()
+            self._rooms[container] = threading.Condition(self._lock)
+            self._notify_all()
         container.reader.start()
         return container
 
@@ -2973,10 +3011,11 @@ class _Pool:
                 ):
                     # No more tasks for it, from its block or from submit().
                     self._containers.discard(container)
+                    self._rooms.pop(container, None)
                     return []
                 wake_at = [item.deadline for item in container.in_flight.values() if item.deadline is not None]
                 wake_at += [retire_at] if retire_at is not None else []
-                self._changed.wait(min(wake_at) - now if wake_at else None)
+                self._rooms[container].wait(min(wake_at) - now if wake_at else None)
 
     def _worn_out(self, container: _Container) -> bool:
         limit = self._settings.max_tasks_per_block
@@ -3041,6 +3080,7 @@ class _Pool:
         assert reader is not None
         with self._lock:
             self._containers.discard(container)  # already, unless its block failed
+            self._rooms.pop(container, None)
         self._starter.stopped(container)
         with contextlib.suppress(OSError):
             container.send(_stub.STOP, 0, b"")

@@ -19,9 +19,24 @@ through a ch-run process's pipes, and each against the Docker pool's own figure.
 
 Where a Slurm cluster answers (SLURM_CONF set, srun on PATH), the Charliecloud pool
 with provider=minipool.Slurm() (each block a job) gets rows too: first result and 8
-blocks ready against as many bare `srun ch-run IMG -- python3 -c pass`, round trip
-and throughput against the local Charliecloud pool of the same run. On one machine,
-as root, with a one-node cluster of its own:
+blocks ready (these with exclusive=False: 8 blocks of a whole node each would not fit
+on 4 nodes) against as many bare `srun ch-run IMG -- python3 -c pass`, round trip and
+throughput against the local Charliecloud pool of the same run. On a cluster of four
+nodes or more (issue 21), also:
+- a block of 4 nodes (Slurm(nodes_per_block=4)), constructor to its 4 stubs ready,
+  against a bare `srun -N4 true` (target 2x) and `srun -N4 ch-run IMG -- python3 -c pass`;
+- the same part of this script (`--part first-result`: a pool of one block, its
+  constructor to first result and its no-op round trip) run in a process of its own
+  outside any allocation (each block a job) and inside `salloc -N2` (each stub a step
+  of that allocation), the one against the other;
+- 1,024 workers: 2 blocks of 2 nodes, 256 workers a node, run 20,000 tasks of 100 ms
+  (--quick: 16 workers a node, 640 tasks) in a process of its own (`--part
+  many-workers`): the makespan against the ideal (total work / workers, target 1.3x),
+  the caller's CPU a task against one core's budget at the ideal pace, the caller's
+  threads and peak RSS; a note under the table says how much memory the machine had
+  in use and how busy its CPUs were meanwhile.
+On one machine, as root, with a four-node cluster of its own (tests/slurm_cluster.py:
+n1..n4, each claiming 256 CPUs of the machine's own):
 
     python tests/slurm_cluster.py python examples/benchmark.py --quick
 """
@@ -34,6 +49,7 @@ import functools
 import getpass
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import platform
@@ -66,6 +82,9 @@ MB = 1 << 20
 # Said after an engine or image error, instead of a traceback.
 SETUP_HINT = "(python images/build.py builds the seed's images; examples/run.sh demo also starts an engine)"
 QUIET = {"network_mode": "none", "log_config": {"type": "none"}}
+# How long a row waits for its blocks to be ready: for a loaded machine, not for a
+# Slurm job queued behind others (that row is wrong, and says so).
+READY_DEADLINE = 120
 
 
 class Sizes:
@@ -81,6 +100,9 @@ class Sizes:
         self.block_counts = (1, 4) if quick else (1, 4, 16)
         self.charliecloud_blocks = (1, 4) if quick else (1, 16)
         self.per_task_runs = 3 if quick else 10
+        # The many-workers run on Slurm: blocks x nodes a block x workers a node, and
+        # tasks of 100 ms (issue 21: 2 x 2 x 256 = 1,024 workers, 20,000 tasks).
+        self.many_workers = (2, 2, 16, 640) if quick else (2, 2, 256, 20_000)
 
 
 def median_of(repeats, measure):
@@ -329,9 +351,12 @@ class ReadyCounter(logging.Handler):
                 self.done.notify_all()
 
     def wait(self, count):
-        """The times the first `count` blocks were ready."""
+        """The times the first `count` blocks (containers, Slurm steps) were ready;
+        RuntimeError if they were not all ready within READY_DEADLINE: a row that
+        waited for blocks that never came measured nothing."""
         with self.done:
-            self.done.wait_for(lambda: len(self.times) >= count, 120)
+            if not self.done.wait_for(lambda: len(self.times) >= count, READY_DEADLINE):
+                raise RuntimeError(f"only {len(self.times)} of {count} blocks were ready after {READY_DEADLINE} s")
             return self.times[:count]
 
 
@@ -365,13 +390,15 @@ def told_channel():
 
 
 def cold_start(image, blocks, engine=None, runtime="docker", provider=None):
-    """Seconds from the constructor to the first result, and to every block ready."""
+    """Seconds from the constructor to the first result, and to every block ready
+    (on Slurm, each of a block's nodes: its stubs)."""
+    stubs = blocks * (provider.nodes_per_block if provider is not None else 1)
     with block_readiness() as counter:
         started = time.perf_counter()
         pool = ContainerPoolExecutor(image, blocks=blocks, engine=engine, runtime=runtime, provider=provider)
         pool.submit(abs, 0).result()
         first = time.perf_counter() - started
-        every = max(counter.wait(blocks)) - started
+        every = max(counter.wait(stubs)) - started
         pool.shutdown()
     return first, every
 
@@ -577,6 +604,13 @@ def charliecloud_rows(table, sizes, blocks, image_dir, docker, figures):
 
 # --------------------------------------------------------------------------- Slurm
 
+# How long a Slurm row waits for the nodes it needs to be idle: a job that just ended
+# leaves its nodes completing for a moment (here 1.5-2.8 s, now and then), and a job
+# that wants them whole would be queued meanwhile, which no row is about.
+SETTLE_DEADLINE = 30
+# The 100 ms tasks of the many-workers run.
+TASK_SECONDS = 0.1
+
 
 def srun_ch_run_s(image_dir):
     """One bare `srun --unbuffered --ntasks=1 ch-run IMAGE_DIR -- python3 -c pass`, as a block's job starts."""
@@ -592,16 +626,154 @@ def concurrent_sruns_s(image_dir, count):
         return timed(lambda: list(threads.map(lambda _: srun_ch_run_s(image_dir), range(count))))
 
 
+def idle_nodes():
+    """The cluster's nodes that are idle: neither allocated nor completing a job."""
+    listed = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %t"], capture_output=True, text=True,
+                            check=True).stdout
+    return {name for name, state in (line.split() for line in listed.splitlines()) if state == "idle"}
+
+
+def cluster_nodes():
+    listed = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N"], capture_output=True, text=True,
+                            check=True).stdout
+    return set(listed.split())
+
+
+def settle(nodes):
+    """Wait until `nodes` nodes are idle (SETTLE_DEADLINE at most: then the row counts the wait)."""
+    deadline = time.monotonic() + SETTLE_DEADLINE
+    while len(idle_nodes()) < nodes and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def bare_srun_nodes_s(nodes, image_dir=None):
+    """One bare `srun -N<nodes> true` (a job of `nodes` nodes, a task on each), on idle
+    nodes; with an image, `srun -N<nodes> ch-run IMAGE_DIR -- python3 -c pass`."""
+    command = ["true"] if image_dir is None else ["ch-run", image_dir, "--", "python3", "-c", "pass"]
+    env = {**os.environ, "USER": os.environ.get("USER") or getpass.getuser()}
+    settle(nodes)
+    return timed(lambda: subprocess.run(["srun", f"-N{nodes}", *command], env=env, check=True))
+
+
+def block_of_nodes_s(image_dir, nodes):
+    """Seconds from the constructor to each stub of one block of `nodes` nodes ready, on idle nodes."""
+    settle(nodes)
+    return cold_start(image_dir, 1, runtime="charliecloud", provider=minipool.Slurm(nodes_per_block=nodes))[1]
+
+
+def run_part(name, image_dir, args, allocation=None):
+    """A part of the benchmark (PARTS) run by this script in a process of its own: in
+    a new allocation (`salloc ALLOCATION... python benchmark.py --part NAME`) if one is
+    given, else outside any (SLURM_JOB_ID and its kin removed); what it printed, as JSON."""
+    env = {key: value for key, value in os.environ.items() if key == "SLURM_CONF" or not key.startswith("SLURM_")}
+    argv = [sys.executable, os.path.abspath(__file__), "--part", name, "--charliecloud-image", image_dir,
+            "--part-args", json.dumps(args)]
+    if allocation is not None:
+        argv = ["salloc", *allocation, *argv]
+    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def first_result_and_round_trip(image_dir, repeats, round_trips):
+    """Part "first-result": a Slurm pool of one block where this process runs (inside an
+    allocation, its stub a step of it; else in a job of its own): the median of
+    `repeats` constructors to first result, in ms, and of as many no-op round trips, in us."""
+    firsts, trips = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with ContainerPoolExecutor(image_dir, runtime="charliecloud", provider=minipool.Slurm()) as pool:
+            pool.submit(abs, 0).result()
+            firsts.append(time.perf_counter() - started)
+            trips.append(round_trip_us(pool, round_trips))
+    return {"first_ms": statistics.median(firsts) * 1e3, "round_trip_us": statistics.median(trips),
+            "allocation": os.environ.get("SLURM_JOB_ID")}
+
+
+def proc_status(field):
+    """A field of /proc/self/status in MB (VmRSS, VmHWM), or as it is (Threads)."""
+    with open("/proc/self/status") as status:
+        value = next(line.split()[1] for line in status if line.startswith(field + ":"))
+    return int(value) / 1024 if field.startswith("Vm") else int(value)
+
+
+def memory_in_use_mb():
+    """This machine's memory in use (MemTotal - MemAvailable)."""
+    with open("/proc/meminfo") as meminfo:
+        sizes = {line.split(":")[0]: int(line.split()[1]) for line in meminfo}
+    return (sizes["MemTotal"] - sizes["MemAvailable"]) / 1024
+
+
+def cpu_times():
+    """(busy, all) seconds of this machine's CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(field) for field in stat.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    hertz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks[:8]) - idle) / hertz, sum(ticks[:8]) / hertz
+
+
+def many_workers(image_dir, blocks, nodes, workers, tasks, repeats):
+    """Part "many-workers", in a process of its own so that its peak RSS is this run's:
+    `tasks` tasks of TASK_SECONDS on `blocks` Slurm blocks of `nodes` nodes, each node a
+    stub of `workers` workers. The makespan (median of `repeats`; every worker warm
+    first) and the ideal (total work / workers); the caller's CPU a task, its threads
+    and its peak RSS; this machine's memory in use and how busy its CPUs were."""
+    rss_before, memory = proc_status("VmRSS"), [memory_in_use_mb()]
+    watching = threading.Event()
+
+    def watch_memory():
+        while not watching.wait(0.1):
+            memory.append(memory_in_use_mb())
+
+    watcher = threading.Thread(target=watch_memory, name="benchmark-memory")
+    watcher.start()
+    spans, cpu, busy = [], [], []
+    try:
+        with block_readiness() as counter, ContainerPoolExecutor(
+            image_dir, blocks=blocks, runtime="charliecloud", workers_per_block=workers,
+            provider=minipool.Slurm(nodes_per_block=nodes),
+        ) as pool:
+            counter.wait(blocks * nodes)
+            count = blocks * nodes * workers
+            list(pool.map(time.sleep, [3 * TASK_SECONDS] * count))  # every worker up and warm
+            for _ in range(repeats):
+                used, machine = resource.getrusage(resource.RUSAGE_SELF), cpu_times()
+                spans.append(timed(lambda: list(pool.map(time.sleep, [TASK_SECONDS] * tasks))))
+                after, machine_after = resource.getrusage(resource.RUSAGE_SELF), cpu_times()
+                cpu.append((after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime) / tasks)
+                busy.append((machine_after[0] - machine[0]) / (machine_after[1] - machine[1]))
+            threads = proc_status("Threads")
+    finally:
+        watching.set()
+        watcher.join()
+    return {
+        "workers": count, "makespan_s": statistics.median(spans), "ideal_s": tasks * TASK_SECONDS / count,
+        "caller_cpu_us": statistics.median(cpu) * 1e6, "threads": threads, "peak_rss_mb": proc_status("VmHWM"),
+        "rss_before_mb": rss_before, "memory_before_mb": memory[0], "memory_peak_mb": max(memory),
+        "cpus_busy": statistics.median(busy), "cpus": os.cpu_count(),
+    }
+
+
+# What --part runs (in a process of its own, as run_part starts it), by name.
+PARTS = {"first-result": first_result_and_round_trip, "many-workers": many_workers}
+
+
 def slurm_rows(table, sizes, blocks, image_dir, charliecloud):
     """The Charliecloud pool with each block a Slurm job: start against bare sruns, round
-    trip and throughput against the local Charliecloud pool's figures in `charliecloud`."""
+    trip and throughput against the local Charliecloud pool's figures in `charliecloud`;
+    on a cluster of four nodes or more, a block of four nodes against a bare `srun -N4`,
+    the pool inside an allocation against the same from outside, and many workers."""
     on_slurm = "Slurm (Charliecloud): "
     bare = median_of(sizes.per_task_runs, lambda: srun_ch_run_s(image_dir)) * 1e3
     start = functools.partial(cold_start, image_dir, 1, runtime="charliecloud", provider=minipool.Slurm())
     first = median_of(sizes.repeats, lambda: start()[0]) * 1e3
     table.add(on_slurm + "constructor to first result", first, "bare srun ch-run IMG -- python3 -c pass", bare,
               None, False, "ms")
-    start = functools.partial(cold_start, image_dir, 8, runtime="charliecloud", provider=minipool.Slurm())
+    # exclusive=False: eight blocks that each took a node whole (Slurm()'s default) would
+    # need eight nodes, and on the test cluster's four the last four would wait in the
+    # queue until the first four ended, which no block of a live pool does.
+    start = functools.partial(cold_start, image_dir, 8, runtime="charliecloud",
+                              provider=minipool.Slurm(exclusive=False))
     every = median_of(sizes.repeats, lambda: start()[1]) * 1e3
     table.add(on_slurm + "8 blocks: constructor to every block ready", every, "8 x bare srun ch-run at once",
               concurrent_sruns_s(image_dir, 8) * 1e3, None, False, "ms")
@@ -612,6 +784,46 @@ def slurm_rows(table, sizes, blocks, image_dir, charliecloud):
         ]:
             mine = median_of(sizes.repeats, functools.partial(measure, ours, size))
             table.add(on_slurm + what, mine, "Charliecloud here, same run", charliecloud[what], None, higher, unit)
+
+    if len(cluster_nodes()) < 4:
+        print("benchmark: no rows of several nodes: the cluster has fewer than 4 nodes "
+              "(python tests/slurm_cluster.py starts one of 4)", file=sys.stderr)
+        return
+    bare = median_of(sizes.per_task_runs, lambda: bare_srun_nodes_s(4)) * 1e3
+    pythons = median_of(sizes.per_task_runs, lambda: bare_srun_nodes_s(4, image_dir)) * 1e3
+    ours = median_of(sizes.repeats, lambda: block_of_nodes_s(image_dir, 4)) * 1e3
+    what = on_slurm + "a block of 4 nodes: constructor to its 4 stubs ready"
+    table.add(what, ours, "bare srun -N4 true", bare, 2, False, "ms")
+    table.add(what, ours, "bare srun -N4 ch-run IMG -- python3 -c pass", pythons, None, False, "ms")
+
+    # The same part of the benchmark, run by itself outside any allocation and inside one.
+    args = [sizes.repeats, sizes.round_trips]
+    outside = run_part("first-result", image_dir, args)
+    inside = run_part("first-result", image_dir, args, allocation=["--nodes=2"])
+    table.add(on_slurm + "inside salloc -N2: constructor to first result", inside["first_ms"],
+              "outside: a job per block", outside["first_ms"], None, False, "ms")
+    table.add(on_slurm + "inside salloc -N2: no-op round trip", inside["round_trip_us"], "outside: a job per block",
+              outside["round_trip_us"], None, False, "us")
+
+    blocks_of, nodes, workers, tasks = sizes.many_workers
+    many = run_part("many-workers", image_dir, [*sizes.many_workers, min(sizes.repeats, 3)])
+    count = many["workers"]
+    what = f"{on_slurm}{count:,} workers"
+    table.add(f"{what} ({blocks_of} blocks x {nodes} nodes x {workers}): makespan of {tasks:,} x 100 ms",
+              many["makespan_s"], "ideal: total work / workers", many["ideal_s"], 1.3, False, "s")
+    table.add(f"{what}: the caller's CPU a task", many["caller_cpu_us"], "a core's budget at the ideal pace",
+              TASK_SECONDS / count * 1e6, None, False, "us")
+    table.add(f"{what}: the caller's threads", many["threads"], "the pool's stubs (one a node)", blocks_of * nodes,
+              None, False, "")
+    table.add(f"{what}: the caller's peak RSS", many["peak_rss_mb"], "its RSS before the pool", many["rss_before_mb"],
+              None, False, "MB")
+    grown = many["memory_peak_mb"] - many["memory_before_mb"]
+    table.notes.append(
+        f"{count:,} workers: this machine's memory in use went from {many['memory_before_mb'] / 1024:.1f} to "
+        f"{many['memory_peak_mb'] / 1024:.1f} GB ({grown / count:.1f} MB a worker, with its stub, srun and "
+        f"slurmstepd); its {many['cpus']} CPUs, every node's, were {many['cpus_busy']:.0%} busy during the "
+        f"makespan (every process: the workers and stubs, srun, the caller, and whatever else ran)."
+    )
 
 
 # --------------------------------------------------------------------------- the table
@@ -659,7 +871,13 @@ def main():
         "--charliecloud-image", metavar="DIR",
         help="the Charliecloud image directory of --image (default: made by images/build.py --charliecloud)",
     )
+    # A part the Slurm rows run in a process of their own (run_part), its arguments as JSON.
+    parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
+    parser.add_argument("--part-args", default="[]", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.part:
+        print(json.dumps(PARTS[args.part](args.charliecloud_image, *json.loads(args.part_args))))
+        return
     # No engine, no image, a wrong DOCKER_HOST: one line that names it and the fix.
     try:
         run(args.quick, args.image, args.charliecloud_image)
@@ -751,7 +969,7 @@ def run(quick, image, image_dir):
             slurm_rows(table, sizes, blocks, image_dir, charliecloud_figures)
         else:
             print("benchmark: no Slurm rows: no SLURM_CONF or no srun (python tests/slurm_cluster.py python "
-                  "examples/benchmark.py starts a one-node cluster for the run)", file=sys.stderr)
+                  "examples/benchmark.py starts a four-node cluster for the run)", file=sys.stderr)
 
     table.add("shutdown of an idle 4-block pool", median_of(sizes.repeats, lambda: idle_shutdown_s(image)) * 1e3,
               "target", 500, 1, False, "ms")
