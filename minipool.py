@@ -3085,6 +3085,10 @@ class _Pool:
         with contextlib.suppress(OSError):
             container.send(_stub.STOP, 0, b"")
         reader.join(_EXIT_GRACE)
+        if not reader.is_alive():
+            # Its stream has ended: the stub is exiting. Removed by force in its last
+            # moments, it would be killed (137) for nothing (seen once in CI).
+            container.exit()
         container.launcher.remove(container)
         reader.join(_EXIT_GRACE)
         if container.lost:
